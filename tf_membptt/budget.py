@@ -1,0 +1,123 @@
+"""The forms of `memory_budget` and their conversion to memory slots (pure Python).
+
+A budget is one of:
+
+* a float in ``(0, 1]``: a fraction of the activation memory standard BPTT needs for this
+  layer and sequence (``alpha * T`` hidden states, as in the paper);
+* bytes for the whole batch: an ``int`` or a string with units, e.g. ``"64MiB"``,
+  ``"1.5GB"``, ``"512kB"`` (SI units are powers of 1000, IEC units of 1024);
+* ``"slots:N"``: ``N`` hidden-state units directly, ``h_0`` included;
+* ``None``: no limit (the strategy's own memory: standard BPTT's for ``msm``/``hsm``/``ism``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import re
+from typing import Optional, Union
+
+_UNITS = {
+    "": 1, "b": 1,
+    "kb": 1000, "mb": 1000 ** 2, "gb": 1000 ** 3, "tb": 1000 ** 4,
+    "kib": 1024, "mib": 1024 ** 2, "gib": 1024 ** 3, "tib": 1024 ** 4,
+}
+_BYTES_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+_SLOTS_RE = re.compile(r"^\s*slots\s*:\s*([0-9]*\.?[0-9]+)\s*$")
+_FRACTION_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*%\s*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """A parsed memory budget: ``kind`` is ``"fraction"``, ``"bytes"``, ``"slots"`` or
+    ``"unlimited"``; ``value`` is the number in that kind's unit."""
+
+    kind: str
+    value: Optional[float]
+    original: object = None
+
+    def slots(self, *, num_steps: int, alpha: float, hidden_bytes: Optional[int]) -> float:
+        """Memory slots (hidden-state units, ``h_0`` included) for this budget.
+
+        Args:
+            num_steps: sequence length.
+            alpha: internal-state size in hidden-state units.
+            hidden_bytes: bytes of one hidden state for the whole batch, or None when the
+                batch size is unknown (then a bytes budget cannot be converted).
+        """
+        if self.kind == "fraction":
+            return float(math.floor(self.value * alpha * num_steps + 1e-9))
+        if self.kind == "slots":
+            return float(self.value)
+        if self.kind == "unlimited":
+            return float(1 + alpha * num_steps)
+        if hidden_bytes is None:
+            raise ValueError(
+                f"Argument `memory_budget` is in bytes ({self.original!r}) but the batch size "
+                "is not known when the layer is traced, so bytes cannot be turned into a "
+                "number of stored states. Give the model a static batch size (e.g. "
+                "`keras.Input(..., batch_size=N)`, or a dataset batched with "
+                "`drop_remainder=True`), or use a fraction (e.g. memory_budget=0.05) or "
+                f"'slots:N'. Received: memory_budget={self.original!r}")
+        return self.value / hidden_bytes
+
+
+def parse_budget(memory_budget) -> Budget:
+    """Validates `memory_budget` and returns a `Budget`; raises ValueError otherwise."""
+    original = memory_budget
+    if memory_budget is None:
+        return Budget("unlimited", None, None)
+
+    def fail(why):
+        raise ValueError(
+            f"Argument `memory_budget` {why}. Received: memory_budget={original!r}")
+
+    if isinstance(memory_budget, bool):
+        fail("must be a fraction in (0, 1], bytes (an int or a string such as '64MiB') "
+             "or 'slots:N', not a bool")
+    if isinstance(memory_budget, numbers.Integral):
+        if memory_budget <= 0:
+            fail("must be positive")
+        return Budget("bytes", float(memory_budget), original)
+    if isinstance(memory_budget, numbers.Real):
+        value = float(memory_budget)
+        if not math.isfinite(value):
+            fail("must be finite")
+        if not 0.0 < value <= 1.0:
+            fail("as a float is a fraction of standard BPTT's memory and must be in (0, 1]; "
+                 "pass an int or a string such as '64MiB' for bytes")
+        return Budget("fraction", value, original)
+    if isinstance(memory_budget, str):
+        match = _SLOTS_RE.match(memory_budget)
+        if match:
+            value = float(match.group(1))
+            if value < 1:
+                fail("in slots must be at least 1 (h_0 is always held)")
+            return Budget("slots", value, original)
+        match = _FRACTION_RE.match(memory_budget)
+        if match:
+            value = float(match.group(1)) / 100.0
+            if not 0.0 < value <= 1.0:
+                fail("as a percentage must be in (0%, 100%]")
+            return Budget("fraction", value, original)
+        match = _BYTES_RE.match(memory_budget)
+        if match and match.group(2).lower() in _UNITS:
+            value = float(match.group(1)) * _UNITS[match.group(2).lower()]
+            if not value > 0:
+                fail("must be positive")
+            return Budget("bytes", value, original)
+        fail("is not a recognised budget: use a fraction such as 0.05 or '5%', bytes such "
+             "as 67108864 or '64MiB' / '1.5GB', or 'slots:N'")
+    fail("must be a float fraction, an int or string of bytes, 'slots:N' or None, not "
+         f"{type(memory_budget).__name__}")
+
+
+def format_bytes(num_bytes: float) -> str:
+    for unit, size in (("GiB", 1024 ** 3), ("MiB", 1024 ** 2), ("KiB", 1024)):
+        if num_bytes >= size:
+            return f"{num_bytes / size:.2f}{unit}"
+    return f"{int(num_bytes)}B"
+
+
+Number = Union[int, float]

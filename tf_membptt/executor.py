@@ -1,0 +1,624 @@
+"""Runs a `Plan` with TensorFlow: one `tf.custom_gradient` around the whole sequence.
+
+How internal states are stored, for any cell
+--------------------------------------------
+The backward of one step needs some tensors of that step's forward: its *residuals*. We
+find them exactly, for any cell, from TensorFlow's own gradient graph: `StepProgram` traces
+the step once (in a `tf.compat.v1.wrap_function` graph, with the cell's variables replaced by
+placeholders through `keras.StatelessScope`), builds its gradient with `tf.gradients`, and
+collects every forward tensor that a gradient op reads. Those are sorted into
+
+* per-step residuals: they depend on the step's carry (``h_{i-1}``); stored in ``I_i``;
+* functions of the step inputs alone (``x_i``, the mask bit, weights): recomputed by the
+  backward function from the input sequence, never stored;
+* invariants: depend on weights only (weights, transposes, casts, constants); computed once
+  per call;
+* shape-only uses (a `Shape` op reading a forward tensor): fed from static shapes, so the
+  tensor itself need not be kept.
+
+The graph is then cut (`WrappedFunction.prune`) into a forward function that returns the new
+carry *and* the residuals, and a backward function from residuals (+ inputs, invariants,
+upstream gradients) to the gradients of the inputs, carry and weights. An internal state
+``I_i`` is the new carry ``h_i`` followed by the step's residuals, so it serves both as a
+restart point and for the backward of step ``i``: this is the cell's alpha, measured in
+elements (`StepProgram.internal_size / StepProgram.hidden_size`).
+
+How memory is laid out
+----------------------
+Every plan allocates its stored states as a stack (see `schedule.py`), so one flat buffer of
+``[capacity, batch]`` elements holds them all, each state at the offset fixed by what lies
+below it. Its capacity is the plan's peak in elements, so the buffer is never larger than
+the budget. States are written with `tensor_scatter_nd_update` (updated in place inside the
+loops) and read with `tf.slice`.
+
+The loops
+---------
+The forward function runs the first sweep (ADVANCE/STORE ops only: one `tf.while_loop` over
+steps with a per-step store table). The gradient function runs the rest of the op table in
+one `tf.while_loop` whose body dispatches on the op kind with `tf.switch_case`. Graph size
+and trace time therefore do not depend on ``T``; the op table is a constant tensor. Weight
+gradients are accumulated in the loop carry (never held per step). Both loops set
+`maximum_iterations`, which XLA needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, List, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from tf_membptt.schedule import OpKind, Plan
+
+_SHAPE_OPS = ("Shape", "ShapeN", "Size", "Rank")
+
+
+class StepProgram:
+    """Forward-with-residuals and backward-from-residuals functions of one step.
+
+    Args:
+        step_fn: ``step_fn(x, mask, carry, weights, extras) -> (output, new_carry)`` on
+            tensors; `carry` and `new_carry` are flat lists; `mask` is a ``[batch]`` bool.
+        x_spec: `tf.TensorSpec` of one step's input, batch dimension first.
+        carry_specs: specs of the carry tensors (batch first, all of one float dtype).
+        weight_specs: specs of the tensors that get gradients (the cell's trainable
+            weights, as read outside the loops).
+        extra_specs: specs of other per-call constants (non-trainable variables, dropout
+            masks); they get no gradient.
+    """
+
+    def __init__(self, step_fn: Callable, x_spec, carry_specs, weight_specs, extra_specs):
+        self.step_fn = step_fn
+        self.x_spec = x_spec
+        self.carry_specs = list(carry_specs)
+        self.weight_specs = list(weight_specs)
+        self.extra_specs = list(extra_specs)
+        dtypes = {s.dtype for s in self.carry_specs}
+        if len(dtypes) != 1:
+            raise NotImplementedError(
+                "All recurrent state tensors of the cell must share one dtype; received "
+                f"dtypes {sorted(d.name for d in dtypes)}. Use keras.layers.RNN for such cells.")
+        self.dtype = self.carry_specs[0].dtype
+        for spec in self.carry_specs:
+            if any(d is None for d in spec.shape[1:]):
+                raise NotImplementedError(
+                    f"State shapes must be static apart from the batch dimension; received "
+                    f"{spec.shape}. Use keras.layers.RNN for such cells.")
+        self._trace(step_fn)
+
+    # ----------------------------------------------------------------------------------
+    def _trace(self, step_fn):
+        num_carry = len(self.carry_specs)
+        num_weights = len(self.weight_specs)
+        num_extras = len(self.extra_specs)
+        record = {}
+
+        def traced(*args):
+            x, mask = args[0], args[1]
+            carry = list(args[2:2 + num_carry])
+            weights = list(args[2 + num_carry:2 + num_carry + num_weights])
+            extras = list(args[2 + num_carry + num_weights:])
+            output, new_carry = step_fn(x, mask, carry, weights, extras)
+            new_carry = list(new_carry)
+            graph = tf.compat.v1.get_default_graph()
+            num_forward_ops = len(graph.get_operations())
+            d_output = tf.compat.v1.placeholder(output.dtype, output.shape, name="d_output")
+            d_carry = [tf.compat.v1.placeholder(c.dtype, c.shape, name=f"d_carry_{i}")
+                       for i, c in enumerate(new_carry)]
+            grads = tf.gradients([output] + new_carry, [x] + carry + weights,
+                                 grad_ys=[d_output] + d_carry,
+                                 unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            record.update(output=output, new_carry=new_carry, d_output=d_output,
+                          d_carry=d_carry, grads=grads, x=x, mask=mask, carry=carry,
+                          weights=weights, extras=extras,
+                          forward_ops=graph.get_operations()[:num_forward_ops],
+                          backward_ops=graph.get_operations()[num_forward_ops:])
+            return [output] + new_carry + grads
+
+        specs = ([self.x_spec, tf.TensorSpec([self.x_spec.shape[0]], tf.bool)]
+                 + self.carry_specs + self.weight_specs + self.extra_specs)
+        wrapped = tf.compat.v1.wrap_function(traced, specs)
+        r = record
+        forward_ops = set(r["forward_ops"])
+        step_inputs = {id(r["x"]), id(r["mask"])}
+        carry_ids = {id(c) for c in r["carry"]}
+
+        # Forward tensors read by gradient ops, and the shape-only reads among them.
+        residual_candidates, shape_feeds = [], []
+        for op in r["backward_ops"]:
+            for tensor in op.inputs:
+                if tensor.op not in forward_ops:
+                    continue
+                if op.type in _SHAPE_OPS:
+                    for out in op.outputs:
+                        if not any(out is s for s in shape_feeds):
+                            shape_feeds.append(out)
+                elif not any(tensor is t for t in residual_candidates):
+                    residual_candidates.append(tensor)
+        # Shape ops whose outputs we feed must read forward tensors only.
+        self._shape_feeds = []
+        for out in shape_feeds:
+            source = out.op.inputs[out.value_index if out.op.type == "ShapeN" else 0]
+            static = source.shape
+            if static.rank is None or any(d is None for d in static.as_list()[1:]):
+                raise NotImplementedError(
+                    f"The cell's gradient reads the shape of {source.name} whose shape "
+                    f"{static} is not static apart from the batch dimension.")
+            self._shape_feeds.append((out, out.op.type, static.as_list(), out.dtype))
+
+        depends_on_carry = _dependence(residual_candidates, carry_ids)
+        depends_on_inputs = _dependence(residual_candidates, step_inputs)
+        per_step, invariants = [], []
+        for tensor in residual_candidates:
+            if depends_on_carry[id(tensor)]:
+                per_step.append(tensor)
+            elif not depends_on_inputs[id(tensor)]:
+                invariants.append(tensor)
+            # Otherwise it is a function of x_i and the mask bit (and weights): the
+            # backward function recomputes it from those, so it is never stored.
+        # A residual that is a component of the new carry is stored once, as part of h_i.
+        new_carry_ids = {id(c): k for k, c in enumerate(r["new_carry"])}
+        self._residual_from_carry = [new_carry_ids.get(id(t), -1) for t in per_step]
+        stored = [t for t in per_step if id(t) not in new_carry_ids]
+        for tensor in stored:
+            shape = tensor.shape
+            if shape.rank is None or shape.rank == 0 or any(
+                    d is None for d in shape.as_list()[1:]):
+                raise NotImplementedError(
+                    f"A tensor that the cell's backward needs, {tensor.name}, has shape "
+                    f"{shape}: only tensors with a leading batch dimension and static other "
+                    f"dimensions can be stored. Use keras.layers.RNN for this cell.")
+            if not tensor.dtype.is_floating:
+                raise NotImplementedError(
+                    f"A tensor that the cell's backward needs, {tensor.name}, has dtype "
+                    f"{tensor.dtype.name}; only floating tensors can be stored. Use "
+                    "keras.layers.RNN for this cell.")
+        self.residual_specs = [tf.TensorSpec([None] + t.shape.as_list()[1:], t.dtype)
+                               for t in stored]
+        feeds_fwd = [r["x"], r["mask"]] + r["carry"] + r["weights"] + r["extras"]
+        self._forward = wrapped.prune(feeds_fwd, [r["output"]] + r["new_carry"] + stored)
+        self._forward_plain = wrapped.prune(feeds_fwd, [r["output"]] + r["new_carry"])
+        invariant_feeds = r["weights"] + r["extras"]
+        self._invariants = (wrapped.prune(invariant_feeds, invariants) if invariants else None)
+        self._num_invariants = len(invariants)
+        backward_feeds = (stored + [r["new_carry"][k] for k in self._carry_residual_indices()]
+                          + [s[0] for s in self._shape_feeds] + invariants
+                          + [r["x"], r["mask"], r["d_output"]] + r["d_carry"])
+        # Remove duplicates (a tensor fed twice) while keeping the order.
+        self._backward_feed_layout = backward_feeds
+        self._backward = wrapped.prune(_unique(backward_feeds), r["grads"])
+        self._backward_unique_index = _unique_index(backward_feeds)
+        self.output_spec = tf.TensorSpec([None] + r["output"].shape.as_list()[1:],
+                                         r["output"].dtype)
+        self._stored_size = [int(np.prod(s.shape[1:])) for s in self.residual_specs]
+        self._carry_size = [int(np.prod(s.shape[1:])) for s in self.carry_specs]
+
+    def _carry_residual_indices(self):
+        return sorted({k for k in self._residual_from_carry if k >= 0})
+
+    # -- sizes, in elements per batch row ----------------------------------------------
+    @property
+    def hidden_size(self) -> int:
+        return sum(self._carry_size)
+
+    @property
+    def internal_size(self) -> int:
+        """Elements per batch row of an internal state: ``h_i`` plus stored residuals."""
+        return self.hidden_size + sum(self._stored_size)
+
+    @property
+    def alpha(self) -> float:
+        return self.internal_size / self.hidden_size
+
+    # -- calls ------------------------------------------------------------------------
+    def invariants(self, weights, extras) -> List[tf.Tensor]:
+        if self._invariants is None:
+            return []
+        return list(self._invariants(*weights, *extras))
+
+    def forward(self, x, mask, carry, weights, extras):
+        """One step: ``(output, new_carry, residuals)``."""
+        out = self._forward(x, mask, *carry, *weights, *extras)
+        num_carry = len(self.carry_specs)
+        batch = x.shape[:1]
+        output = _with_batch(out[0], batch)
+        new_carry = [_with_batch(t, batch) for t in out[1:1 + num_carry]]
+        residuals = [_with_batch(t, batch) for t in out[1 + num_carry:]]
+        return output, new_carry, residuals
+
+    def forward_plain(self, x, mask, carry, weights, extras):
+        out = self._forward_plain(x, mask, *carry, *weights, *extras)
+        batch = x.shape[:1]
+        return _with_batch(out[0], batch), [_with_batch(t, batch) for t in out[1:]]
+
+    def backward(self, residuals, new_carry, invariants, x, mask, d_output, d_carry, batch):
+        """Gradients ``(dx, d_carry_prev, d_weights)`` of one step from its residuals."""
+        shape_values = []
+        for _, op_type, static, dtype in self._shape_feeds:
+            dims = [batch if d is None else tf.constant(d, tf.int32) for d in static]
+            dims = [tf.cast(d, dtype) for d in dims]
+            if op_type in ("Shape", "ShapeN"):
+                shape_values.append(tf.stack(dims) if dims else tf.zeros([0], dtype))
+            elif op_type == "Size":
+                shape_values.append(tf.reduce_prod(tf.stack(dims)) if dims
+                                    else tf.constant(1, dtype))
+            else:  # Rank
+                shape_values.append(tf.constant(len(static), dtype))
+        feeds = (list(residuals) + [new_carry[k] for k in self._carry_residual_indices()]
+                 + shape_values + list(invariants) + [x, mask, d_output] + list(d_carry))
+        unique = [None] * (max(self._backward_unique_index) + 1 if feeds else 0)
+        for value, index in zip(feeds, self._backward_unique_index):
+            unique[index] = value
+        grads = self._backward(*unique)
+        num_carry = len(self.carry_specs)
+        dx = _with_shape(grads[0], x.shape)
+        d_carry_prev = [_with_shape(g, c.shape) for g, c in zip(grads[1:1 + num_carry], d_carry)]
+        d_weights = list(grads[1 + num_carry:])
+        return dx, d_carry_prev, d_weights
+
+    # -- packing -----------------------------------------------------------------------
+    def pack_hidden(self, carry) -> tf.Tensor:
+        return _pack(carry)
+
+    def unpack_hidden(self, flat) -> List[tf.Tensor]:
+        return _unpack(flat, self.carry_specs)
+
+    def pack_internal(self, carry, residuals) -> tf.Tensor:
+        return _pack(list(carry) + list(residuals), self.dtype)
+
+    def unpack_internal(self, flat):
+        parts = _unpack(flat, self.carry_specs + self.residual_specs)
+        num_carry = len(self.carry_specs)
+        return parts[:num_carry], parts[num_carry:]
+
+
+def _with_batch(tensor, batch_shape):
+    """Gives a function output its static batch size back (pruned functions lose it)."""
+    if isinstance(tensor, tf.Tensor) and not tf.executing_eagerly():
+        tensor.set_shape(tf.TensorShape(batch_shape).concatenate(tensor.shape[1:]))
+    return tensor
+
+
+def _with_shape(tensor, shape):
+    if isinstance(tensor, tf.Tensor) and not tf.executing_eagerly():
+        tensor.set_shape(shape)
+    return tensor
+
+
+def _unique(tensors):
+    seen, out = set(), []
+    for t in tensors:
+        if id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
+    return out
+
+
+def _unique_index(tensors):
+    index, out = {}, []
+    for t in tensors:
+        if id(t) not in index:
+            index[id(t)] = len(index)
+        out.append(index[id(t)])
+    return out
+
+
+def _dependence(tensors, source_ids):
+    """For each tensor: does it depend (through data inputs) on any source tensor?"""
+    memo = {}
+
+    def visit(tensor):
+        key = id(tensor)
+        if key in memo:
+            return memo[key]
+        if key in source_ids:
+            memo[key] = True
+            return True
+        memo[key] = False  # guards cycles (there are none in a forward graph)
+        result = any(visit(t) for t in tensor.op.inputs)
+        memo[key] = result
+        return result
+
+    return {id(t): visit(t) for t in tensors}
+
+
+def _pack(tensors, dtype=None):
+    flat = [tf.reshape(t, [tf.shape(t)[0], -1]) for t in tensors]
+    if dtype is not None:
+        flat = [tf.cast(t, dtype) for t in flat]
+    return flat[0] if len(flat) == 1 else tf.concat(flat, axis=1)
+
+
+def _unpack(flat, specs):
+    sizes = [int(np.prod(s.shape[1:])) for s in specs]
+    parts = tf.split(flat, sizes, axis=1) if len(sizes) > 1 else [flat]
+    return [tf.cast(tf.reshape(p, [-1] + s.shape.as_list()[1:]), s.dtype)
+            for p, s in zip(parts, specs)]
+
+
+# --------------------------------------------------------------------------------------
+# Loops
+# --------------------------------------------------------------------------------------
+def run_plain(program: StepProgram, xs, masks, carry, weights, extras, return_sequences):
+    """Inference: a forward loop that stores nothing. ``xs`` is time-major."""
+    num_steps = tf.shape(xs)[0]
+    output_ta = tf.TensorArray(program.output_spec.dtype, size=num_steps if return_sequences
+                               else 1, element_shape=None)
+    last_output = tf.zeros([tf.shape(xs)[1]] + program.output_spec.shape.as_list()[1:],
+                           program.output_spec.dtype)
+
+    def body(t, output_ta, last_output, *carry):
+        # The Python step itself, not the traced function: TensorFlow can then
+        # differentiate this loop like any other (standard BPTT) if a tape asks.
+        output, new_carry = program.step_fn(xs[t], masks[t], list(carry), weights, extras)
+        if return_sequences:
+            output_ta = output_ta.write(t, output)
+        return (t + 1, output_ta, output) + tuple(new_carry)
+
+    result = tf.while_loop(lambda t, *_: t < num_steps, body,
+                           (tf.constant(0), output_ta, last_output) + tuple(carry),
+                           maximum_iterations=num_steps)
+    outputs = result[1].stack() if return_sequences else None
+    return result[2], outputs, list(result[3:])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tables:
+    """The plan as constant tables for the loops (numpy, made once per plan)."""
+
+    forward_store_kind: np.ndarray  # per step: 0 none, 1 hidden, 2 internal
+    forward_store_offset: np.ndarray
+    backward_ops: np.ndarray  # rows: kind, step, offset
+    capacity: int
+
+
+def plan_tables(plan: Plan, hidden_size: int, internal_size: int) -> _Tables:
+    table = plan.op_table()
+    num_forward = plan.num_forward_ops
+    kind_fwd = np.zeros(plan.num_steps, np.int32)
+    offset_fwd = np.zeros(plan.num_steps, np.int32)
+    capacity = 0
+    last_step = 0
+    for kind, step, _, hidden_below, internal_below in table[:num_forward]:
+        offset = hidden_below * hidden_size + internal_below * internal_size
+        if kind == OpKind.ADVANCE:
+            last_step = step
+        elif kind in (OpKind.STORE_HIDDEN, OpKind.STORE_INTERNAL):
+            if kind_fwd[last_step - 1] != 0:
+                raise AssertionError("the first sweep stores at most one state per step")
+            kind_fwd[last_step - 1] = 1 if kind == OpKind.STORE_HIDDEN else 2
+            offset_fwd[last_step - 1] = offset
+            size = hidden_size if kind == OpKind.STORE_HIDDEN else internal_size
+            capacity = max(capacity, offset + size)
+        elif kind not in (OpKind.FREE, OpKind.RESTORE):
+            raise AssertionError(f"unexpected op {kind} in the first sweep")
+    rows = []
+    for kind, step, _, hidden_below, internal_below in table[num_forward:]:
+        if kind == OpKind.FREE:
+            continue  # the buffer is laid out as a stack: a freed slot is simply reused
+        offset = hidden_below * hidden_size + internal_below * internal_size
+        if kind == OpKind.STORE_HIDDEN:
+            capacity = max(capacity, offset + hidden_size)
+        elif kind == OpKind.STORE_INTERNAL:
+            capacity = max(capacity, offset + internal_size)
+        rows.append((kind, step, offset))
+    return _Tables(kind_fwd, offset_fwd, np.asarray(rows, np.int32).reshape(-1, 3),
+                   capacity)
+
+
+def _write(buffer, offset, flat):
+    """buffer[offset:offset + size, :] = flat^T (buffer is [capacity, batch])."""
+    size = flat.shape[1]
+    indices = tf.expand_dims(offset + tf.range(size), 1)
+    return tf.tensor_scatter_nd_update(buffer, indices, tf.transpose(flat))
+
+
+def _read(buffer, offset, size):
+    return tf.transpose(tf.slice(buffer, tf.stack([offset, 0]), [size, -1]))
+
+
+def run_planned(program: StepProgram, plan: Plan, xs, masks, carry, weights, extras,
+                return_sequences: bool):
+    """Training: outputs as `run_plain`, with the plan's memory-efficient gradient.
+
+    Gradients flow to `xs`, `carry` and `weights` (all tensors; read variables outside).
+    """
+    num_steps = plan.num_steps
+    tables = plan_tables(plan, program.hidden_size, program.internal_size)
+    num_carry = len(carry)
+    num_weights = len(weights)
+    dtype = program.dtype
+    batch = tf.shape(xs)[1]
+    zero_residuals = [tf.zeros(tf.concat([[batch], s.shape[1:]], 0), s.dtype)
+                      for s in program.residual_specs]
+    output_shape = program.output_spec.shape.as_list()[1:]
+    output_dtype = program.output_spec.dtype
+
+    @tf.custom_gradient
+    def planned(xs, *inputs):
+        carry0 = list(inputs[:num_carry])
+        weight_values = list(inputs[num_carry:])
+        # Nothing in the forward is recorded on an outer (eager) tape: the gradient below
+        # replaces it, and recording would keep every step's tensors alive.
+        with _stop_recording():
+            invariants = program.invariants(weight_values, extras)
+            forward = _forward_sweep(program, tables, xs, masks, carry0, weight_values,
+                                     extras, zero_residuals, batch, return_sequences,
+                                     num_steps, dtype)
+        last_output, outputs, final_carry, buffer, residuals_last, carry_before_last = forward
+
+        def grad(d_result, *d_final_carry, variables=None):
+            if return_sequences:
+                d_outputs = d_result
+            else:
+                d_outputs = None
+            d_last = None if return_sequences else d_result
+            d_xs, d_carry0, d_weights = _backward_sweep(
+                program, tables, xs, masks, weight_values, extras, invariants, buffer,
+                final_carry, residuals_last, list(d_final_carry), d_outputs, d_last, batch,
+                num_steps, dtype, output_shape, output_dtype)
+            return [d_xs] + d_carry0 + d_weights
+
+        result = outputs if return_sequences else last_output
+        return (result,) + tuple(final_carry), grad
+
+    out = planned(xs, *carry, *weights)
+    result, final_carry = out[0], list(out[1:])
+    if return_sequences:
+        return result[-1], result, final_carry
+    return result, None, final_carry
+
+
+class _stop_recording:
+    def __enter__(self):
+        from tensorflow.python.eager import record
+
+        self._ctx = record.stop_recording()
+        self._ctx.__enter__()
+
+    def __exit__(self, *exc):
+        return self._ctx.__exit__(*exc)
+
+
+def _forward_sweep(program, tables, xs, masks, carry0, weights, extras, zero_residuals,
+                   batch, return_sequences, num_steps, dtype):
+    used_kinds = [bool(np.any(tables.forward_store_kind == k)) for k in range(3)]
+    store_kind = tf.constant(tables.forward_store_kind)
+    store_offset = tf.constant(tables.forward_store_offset)
+    buffer = tf.zeros(tf.stack([tables.capacity, batch]), dtype)
+    output_ta = tf.TensorArray(program.output_spec.dtype,
+                               size=num_steps if return_sequences else 1)
+    last_output = tf.zeros(tf.concat([[batch], program.output_spec.shape[1:]], 0),
+                           program.output_spec.dtype)
+    num_carry = len(carry0)
+
+    def body(t, buffer, output_ta, last_output, residuals, *carry):
+        output, new_carry, new_residuals = program.forward(xs[t], masks[t], list(carry),
+                                                           weights, extras)
+        kind = store_kind[t]
+        offset = store_offset[t]
+        # Only the store kinds this plan uses are built: XLA compiles every branch, and a
+        # branch writing a state larger than the buffer would not compile.
+        if used_kinds[1] or used_kinds[2]:
+            def no_store():
+                return buffer
+
+            def store_hidden():
+                return _write(buffer, offset, program.pack_hidden(new_carry))
+
+            def store_internal():
+                return _write(buffer, offset, program.pack_internal(new_carry, new_residuals))
+
+            buffer = tf.switch_case(kind, [no_store,
+                                           store_hidden if used_kinds[1] else no_store,
+                                           store_internal if used_kinds[2] else no_store])
+        if return_sequences:
+            output_ta = output_ta.write(t, output)
+        return (t + 1, buffer, output_ta, output, new_residuals) + tuple(new_carry)
+
+    result = tf.while_loop(
+        lambda t, *_: t < num_steps, body,
+        (tf.constant(0), buffer, output_ta, last_output, zero_residuals) + tuple(carry0),
+        maximum_iterations=num_steps)
+    _, buffer, output_ta, last_output, residuals = result[:5]
+    final_carry = list(result[5:5 + num_carry])
+    outputs = output_ta.stack() if return_sequences else None
+    return last_output, outputs, final_carry, buffer, list(residuals), None
+
+
+def _backward_sweep(program, tables, xs, masks, weights, extras, invariants, buffer,
+                    final_carry, residuals_last, d_final_carry, d_outputs, d_last, batch,
+                    num_steps, dtype, output_shape, output_dtype):
+    used_kinds = set(int(k) for k in np.unique(tables.backward_ops[:, 0]))
+    ops_table = tf.constant(tables.backward_ops)
+    num_ops = int(tables.backward_ops.shape[0])
+    hidden_size, internal_size = program.hidden_size, program.internal_size
+    zero_output = tf.zeros(tf.concat([[batch], output_shape], 0), output_dtype)
+    d_weights0 = [tf.zeros_like(w) for w in weights]
+    dxs_ta = tf.TensorArray(xs.dtype, size=num_steps + 1)  # + a scratch row
+    num_carry = len(final_carry)
+    num_res = len(residuals_last)
+    num_w = len(weights)
+    d_carry0 = [tf.zeros_like(c) if d is None else d for c, d in zip(final_carry, d_final_carry)]
+
+    def unpack_vars(loop_vars):
+        i = 0
+        cursor = list(loop_vars[i:i + num_carry]); i += num_carry
+        working = list(loop_vars[i:i + num_res]); i += num_res
+        d_carry = list(loop_vars[i:i + num_carry]); i += num_carry
+        d_weights = list(loop_vars[i:i + num_w])
+        return cursor, working, d_carry, d_weights
+
+    zero_dx = tf.zeros_like(xs[0])
+    scratch_index = tf.constant(num_steps, tf.int32)
+
+    def body(i, buffer, dxs_ta, *loop_vars):
+        cursor, working, d_carry, d_weights = unpack_vars(loop_vars)
+        kind, step, offset = ops_table[i][0], ops_table[i][1], ops_table[i][2]
+        t = step - 1
+
+        # Every branch returns the whole state plus (dx, where to write it). The TensorArray
+        # of input gradients is written once per iteration outside the branches (non-backward
+        # ops write zeros to a scratch row): XLA does not take TensorArrays through a Case.
+        def pack(buffer, cursor, working, d_carry, d_weights, dx=zero_dx,
+                 index=scratch_index):
+            return ((buffer, dx, index) + tuple(cursor) + tuple(working) + tuple(d_carry)
+                    + tuple(d_weights))
+
+        def advance():
+            _, new_carry, res = program.forward(xs[t], masks[t], cursor, weights, extras)
+            return pack(buffer, new_carry, res, d_carry, d_weights)
+
+        def store_hidden():
+            return pack(_write(buffer, offset, program.pack_hidden(cursor)), cursor, working,
+                        d_carry, d_weights)
+
+        def store_internal():
+            return pack(_write(buffer, offset, program.pack_internal(cursor, working)),
+                        cursor, working, d_carry, d_weights)
+
+        def restore():
+            flat = _read(buffer, offset, hidden_size)
+            return pack(buffer, program.unpack_hidden(flat), working, d_carry, d_weights)
+
+        def backward_from(new_carry, residuals):
+            if d_outputs is not None:
+                d_out = d_outputs[t]
+            else:
+                d_out = tf.cond(tf.equal(step, num_steps), lambda: d_last,
+                                lambda: zero_output)
+            dx, d_prev, dw = program.backward(residuals, new_carry, invariants, xs[t],
+                                              masks[t], d_out, d_carry, batch)
+            return pack(buffer, cursor, working, d_prev,
+                        [a + g for a, g in zip(d_weights, dw)], dx, t)
+
+        def backward_stored():
+            carry_i, residuals = program.unpack_internal(_read(buffer, offset, internal_size))
+            return backward_from(carry_i, residuals)
+
+        def backward_cursor():
+            return backward_from(cursor, working)
+
+        def unreachable():  # FREE rows are dropped from the table
+            return pack(buffer, cursor, working, d_carry, d_weights)
+
+        by_kind = {OpKind.ADVANCE: advance, OpKind.STORE_HIDDEN: store_hidden,
+                   OpKind.STORE_INTERNAL: store_internal, OpKind.RESTORE: restore,
+                   OpKind.FREE: unreachable, OpKind.BACKWARD_STORED: backward_stored,
+                   OpKind.BACKWARD_CURSOR: backward_cursor}
+        # Kinds the plan never uses get the no-op branch: XLA compiles every branch, and
+        # e.g. reading an internal state from a buffer sized for hidden states alone would
+        # not compile.
+        result = tf.switch_case(kind, [by_kind[k] if k in used_kinds else unreachable
+                                       for k in sorted(by_kind)])
+        buffer, dx, index = result[:3]
+        dxs_ta = dxs_ta.write(index, dx)
+        return (i + 1, buffer, dxs_ta) + tuple(result[3:])
+
+    init = ((tf.constant(0), buffer, dxs_ta) + tuple(final_carry) + tuple(residuals_last)
+            + tuple(d_carry0) + tuple(d_weights0))
+    result = tf.while_loop(lambda i, *_: i < num_ops, body, init, maximum_iterations=num_ops)
+    dxs = result[2].stack()[:num_steps]
+    _, _, d_carry, d_weights = unpack_vars(result[3:])
+    return dxs, d_carry, d_weights
