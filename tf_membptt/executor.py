@@ -367,55 +367,94 @@ def run_plain(program: StepProgram, xs, masks, carry, weights, extras, return_se
 class _Tables:
     """The plan as constant tables for the loops (numpy, made once per plan)."""
 
-    forward_store_kind: np.ndarray  # per step: 0 none, 1 hidden, 2 internal
-    forward_store_offset: np.ndarray
-    backward_ops: np.ndarray  # rows: kind, step, offset
-    capacity: int
+    forward_store: np.ndarray  # per step: kind (0 none, 1 hidden, 2 internal), slot, offset
+    backward_ops: np.ndarray  # rows: kind, step, slot, offset (FREE rows kept)
+    capacity: int  # elements per batch row of the flat buffer: the plan's peak
+    num_slots: int  # stack depth of the slot list: the most states held at once
 
 
 def plan_tables(plan: Plan, hidden_size: int, internal_size: int) -> _Tables:
     table = plan.op_table()
     num_forward = plan.num_forward_ops
-    kind_fwd = np.zeros(plan.num_steps, np.int32)
-    offset_fwd = np.zeros(plan.num_steps, np.int32)
-    capacity = 0
-    last_step = 0
-    for kind, step, _, hidden_below, internal_below in table[:num_forward]:
+    forward_store = np.zeros((plan.num_steps, 3), np.int32)
+    capacity, num_slots, last_step = hidden_size, 1, 0  # h_0 is slot 0, at offset 0
+    rows = []
+    for index, (kind, step, slot, hidden_below, internal_below) in enumerate(table):
         offset = hidden_below * hidden_size + internal_below * internal_size
-        if kind == OpKind.ADVANCE:
-            last_step = step
-        elif kind in (OpKind.STORE_HIDDEN, OpKind.STORE_INTERNAL):
-            if kind_fwd[last_step - 1] != 0:
-                raise AssertionError("the first sweep stores at most one state per step")
-            kind_fwd[last_step - 1] = 1 if kind == OpKind.STORE_HIDDEN else 2
-            offset_fwd[last_step - 1] = offset
+        if kind in (OpKind.STORE_HIDDEN, OpKind.STORE_INTERNAL):
             size = hidden_size if kind == OpKind.STORE_HIDDEN else internal_size
             capacity = max(capacity, offset + size)
+            num_slots = max(num_slots, slot + 1)
+        if index >= num_forward:
+            rows.append((kind, step, slot, offset))
+        elif kind == OpKind.ADVANCE:
+            last_step = step
+        elif kind in (OpKind.STORE_HIDDEN, OpKind.STORE_INTERNAL):
+            if forward_store[last_step - 1, 0] != 0:
+                raise AssertionError("the first sweep stores at most one state per step")
+            forward_store[last_step - 1] = (1 if kind == OpKind.STORE_HIDDEN else 2, slot,
+                                            offset)
         elif kind not in (OpKind.FREE, OpKind.RESTORE):
             raise AssertionError(f"unexpected op {kind} in the first sweep")
-    rows = []
-    for kind, step, _, hidden_below, internal_below in table[num_forward:]:
-        if kind == OpKind.FREE:
-            continue  # the buffer is laid out as a stack: a freed slot is simply reused
-        offset = hidden_below * hidden_size + internal_below * internal_size
-        if kind == OpKind.STORE_HIDDEN:
-            capacity = max(capacity, offset + hidden_size)
-        elif kind == OpKind.STORE_INTERNAL:
-            capacity = max(capacity, offset + internal_size)
-        rows.append((kind, step, offset))
-    return _Tables(kind_fwd, offset_fwd, np.asarray(rows, np.int32).reshape(-1, 3),
-                   capacity)
+    return _Tables(forward_store, np.asarray(rows, np.int32).reshape(-1, 4), capacity,
+                   num_slots)
 
 
-def _write(buffer, offset, flat):
-    """buffer[offset:offset + size, :] = flat^T (buffer is [capacity, batch])."""
-    size = flat.shape[1]
-    indices = tf.expand_dims(offset + tf.range(size), 1)
-    return tf.tensor_scatter_nd_update(buffer, indices, tf.transpose(flat))
+class _FlatStore:
+    """All stored states in one ``[capacity, batch]`` buffer, at stack offsets.
+
+    Used under XLA, which updates a loop-carried buffer in place. (TensorFlow's own
+    executor copies it on every update, so it uses `_SlotStore`.)
+    """
+
+    def __init__(self, tables, batch, static_batch, dtype):
+        self.capacity, self.batch, self.dtype = tables.capacity, batch, dtype
+        self.static_batch = static_batch
+
+    def empty(self):
+        return tf.zeros(tf.stack([self.capacity, self.batch]), self.dtype)
+
+    def write(self, store, slot, offset, flat):
+        indices = tf.expand_dims(offset + tf.range(flat.shape[1]), 1)
+        return tf.tensor_scatter_nd_update(store, indices, tf.transpose(flat))
+
+    def read(self, store, slot, offset, size):
+        flat = tf.transpose(tf.slice(store, tf.stack([offset, 0]), [size, -1]))
+        return _with_shape(flat, [self.static_batch, size])
+
+    def free(self, store, slot):
+        return store  # the stack's next push overwrites it
 
 
-def _read(buffer, offset, size):
-    return tf.transpose(tf.slice(buffer, tf.stack([offset, 0]), [size, -1]))
+class _SlotStore:
+    """One TensorArray element per stack slot (hidden ``[batch, H]`` or internal
+    ``[batch, R]``). A write replaces one element, without copying the others; a FREE
+    replaces it with an empty tensor, so memory held is exactly the plan's stack."""
+
+    def __init__(self, tables, batch, static_batch, dtype):
+        self.num_slots, self.batch, self.dtype = tables.num_slots, batch, dtype
+        self.static_batch = static_batch
+
+    def empty(self):
+        return tf.TensorArray(self.dtype, size=self.num_slots, clear_after_read=False,
+                              infer_shape=False, element_shape=tf.TensorShape([None, None]))
+
+    def write(self, store, slot, offset, flat):
+        return store.write(slot, flat)
+
+    def read(self, store, slot, offset, size):
+        # An internal state starts with h_i, so the first H elements restore the cursor.
+        flat = tf.reshape(store.read(slot)[:, :size], [-1, size])
+        return _with_shape(flat, [self.static_batch, size])
+
+    def free(self, store, slot):
+        return store.write(slot, tf.zeros(tf.stack([self.batch, 0]), self.dtype))
+
+
+def _in_xla_context() -> bool:
+    from tensorflow.python.ops import control_flow_util
+
+    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
 
 
 def run_planned(program: StepProgram, plan: Plan, xs, masks, carry, weights, extras,
@@ -427,13 +466,9 @@ def run_planned(program: StepProgram, plan: Plan, xs, masks, carry, weights, ext
     num_steps = plan.num_steps
     tables = plan_tables(plan, program.hidden_size, program.internal_size)
     num_carry = len(carry)
-    num_weights = len(weights)
-    dtype = program.dtype
     batch = tf.shape(xs)[1]
-    zero_residuals = [tf.zeros(tf.concat([[batch], s.shape[1:]], 0), s.dtype)
-                      for s in program.residual_specs]
-    output_shape = program.output_spec.shape.as_list()[1:]
-    output_dtype = program.output_spec.dtype
+    store_kind = _FlatStore if _in_xla_context() else _SlotStore
+    store = store_kind(tables, batch, xs.shape[1], program.dtype)
 
     @tf.custom_gradient
     def planned(xs, *inputs):
@@ -443,21 +478,17 @@ def run_planned(program: StepProgram, plan: Plan, xs, masks, carry, weights, ext
         # replaces it, and recording would keep every step's tensors alive.
         with _stop_recording():
             invariants = program.invariants(weight_values, extras)
-            forward = _forward_sweep(program, tables, xs, masks, carry0, weight_values,
-                                     extras, zero_residuals, batch, return_sequences,
-                                     num_steps, dtype)
-        last_output, outputs, final_carry, buffer, residuals_last, carry_before_last = forward
+            last_output, outputs, final_carry, stored, residuals_last = _forward_sweep(
+                program, tables, store, xs, masks, carry0, weight_values, extras, batch,
+                return_sequences, num_steps)
 
         def grad(d_result, *d_final_carry, variables=None):
-            if return_sequences:
-                d_outputs = d_result
-            else:
-                d_outputs = None
+            d_outputs = d_result if return_sequences else None
             d_last = None if return_sequences else d_result
             d_xs, d_carry0, d_weights = _backward_sweep(
-                program, tables, xs, masks, weight_values, extras, invariants, buffer,
+                program, tables, store, xs, masks, weight_values, extras, invariants, stored,
                 final_carry, residuals_last, list(d_final_carry), d_outputs, d_last, batch,
-                num_steps, dtype, output_shape, output_dtype)
+                num_steps)
             return [d_xs] + d_carry0 + d_weights
 
         result = outputs if return_sequences else last_output
@@ -481,106 +512,110 @@ class _stop_recording:
         return self._ctx.__exit__(*exc)
 
 
-def _forward_sweep(program, tables, xs, masks, carry0, weights, extras, zero_residuals,
-                   batch, return_sequences, num_steps, dtype):
-    used_kinds = [bool(np.any(tables.forward_store_kind == k)) for k in range(3)]
-    store_kind = tf.constant(tables.forward_store_kind)
-    store_offset = tf.constant(tables.forward_store_offset)
-    buffer = tf.zeros(tf.stack([tables.capacity, batch]), dtype)
+def _forward_sweep(program, tables, store, xs, masks, carry0, weights, extras, batch,
+                   return_sequences, num_steps):
+    used = [bool(np.any(tables.forward_store[:, 0] == k)) for k in range(3)]
+    store_table = tf.constant(tables.forward_store)
     output_ta = tf.TensorArray(program.output_spec.dtype,
                                size=num_steps if return_sequences else 1)
     last_output = tf.zeros(tf.concat([[batch], program.output_spec.shape[1:]], 0),
                            program.output_spec.dtype)
+    zero_residuals = [tf.zeros(tf.concat([[batch], s.shape[1:]], 0), s.dtype)
+                      for s in program.residual_specs]
     num_carry = len(carry0)
 
-    def body(t, buffer, output_ta, last_output, residuals, *carry):
+    def body(t, stored, output_ta, last_output, residuals, *carry):
         output, new_carry, new_residuals = program.forward(xs[t], masks[t], list(carry),
                                                            weights, extras)
-        kind = store_kind[t]
-        offset = store_offset[t]
+        kind, slot, offset = store_table[t][0], store_table[t][1], store_table[t][2]
         # Only the store kinds this plan uses are built: XLA compiles every branch, and a
         # branch writing a state larger than the buffer would not compile.
-        if used_kinds[1] or used_kinds[2]:
+        if used[1] or used[2]:
             def no_store():
-                return buffer
+                return stored
 
             def store_hidden():
-                return _write(buffer, offset, program.pack_hidden(new_carry))
+                return store.write(stored, slot, offset, program.pack_hidden(new_carry))
 
             def store_internal():
-                return _write(buffer, offset, program.pack_internal(new_carry, new_residuals))
+                return store.write(stored, slot, offset,
+                                   program.pack_internal(new_carry, new_residuals))
 
-            buffer = tf.switch_case(kind, [no_store,
-                                           store_hidden if used_kinds[1] else no_store,
-                                           store_internal if used_kinds[2] else no_store])
+            stored = tf.switch_case(kind, [no_store, store_hidden if used[1] else no_store,
+                                           store_internal if used[2] else no_store])
         if return_sequences:
             output_ta = output_ta.write(t, output)
-        return (t + 1, buffer, output_ta, output, new_residuals) + tuple(new_carry)
+        return (t + 1, stored, output_ta, output, new_residuals) + tuple(new_carry)
 
+    # h_0 is held in slot 0 for the whole step (the plan counts it; restores read it).
+    stored = store.write(store.empty(), 0, 0, program.pack_hidden(carry0))
     result = tf.while_loop(
         lambda t, *_: t < num_steps, body,
-        (tf.constant(0), buffer, output_ta, last_output, zero_residuals) + tuple(carry0),
+        (tf.constant(0), stored, output_ta, last_output, zero_residuals)
+        + tuple(carry0),
         maximum_iterations=num_steps)
-    _, buffer, output_ta, last_output, residuals = result[:5]
+    _, stored, output_ta, last_output, residuals = result[:5]
     final_carry = list(result[5:5 + num_carry])
     outputs = output_ta.stack() if return_sequences else None
-    return last_output, outputs, final_carry, buffer, list(residuals), None
+    return last_output, outputs, final_carry, stored, list(residuals)
 
 
-def _backward_sweep(program, tables, xs, masks, weights, extras, invariants, buffer,
+def _backward_sweep(program, tables, store, xs, masks, weights, extras, invariants, stored,
                     final_carry, residuals_last, d_final_carry, d_outputs, d_last, batch,
-                    num_steps, dtype, output_shape, output_dtype):
+                    num_steps):
     used_kinds = set(int(k) for k in np.unique(tables.backward_ops[:, 0]))
     ops_table = tf.constant(tables.backward_ops)
     num_ops = int(tables.backward_ops.shape[0])
     hidden_size, internal_size = program.hidden_size, program.internal_size
-    zero_output = tf.zeros(tf.concat([[batch], output_shape], 0), output_dtype)
+    output_spec = program.output_spec
+    zero_output = tf.zeros(tf.concat([[batch], output_spec.shape[1:]], 0), output_spec.dtype)
+    zero_dx = tf.zeros_like(xs[0])
+    scratch_index = tf.constant(num_steps, tf.int32)
     d_weights0 = [tf.zeros_like(w) for w in weights]
     dxs_ta = tf.TensorArray(xs.dtype, size=num_steps + 1)  # + a scratch row
-    num_carry = len(final_carry)
-    num_res = len(residuals_last)
-    num_w = len(weights)
+    num_carry, num_res, num_w = len(final_carry), len(residuals_last), len(weights)
     d_carry0 = [tf.zeros_like(c) if d is None else d for c, d in zip(final_carry, d_final_carry)]
 
     def unpack_vars(loop_vars):
-        i = 0
-        cursor = list(loop_vars[i:i + num_carry]); i += num_carry
-        working = list(loop_vars[i:i + num_res]); i += num_res
-        d_carry = list(loop_vars[i:i + num_carry]); i += num_carry
-        d_weights = list(loop_vars[i:i + num_w])
+        cursor = list(loop_vars[:num_carry])
+        working = list(loop_vars[num_carry:num_carry + num_res])
+        d_carry = list(loop_vars[num_carry + num_res:2 * num_carry + num_res])
+        d_weights = list(loop_vars[2 * num_carry + num_res:])
         return cursor, working, d_carry, d_weights
 
-    zero_dx = tf.zeros_like(xs[0])
-    scratch_index = tf.constant(num_steps, tf.int32)
-
-    def body(i, buffer, dxs_ta, *loop_vars):
+    def body(i, stored, dxs_ta, *loop_vars):
         cursor, working, d_carry, d_weights = unpack_vars(loop_vars)
-        kind, step, offset = ops_table[i][0], ops_table[i][1], ops_table[i][2]
+        row = ops_table[i]
+        kind, step, slot, offset = row[0], row[1], row[2], row[3]
         t = step - 1
 
         # Every branch returns the whole state plus (dx, where to write it). The TensorArray
         # of input gradients is written once per iteration outside the branches (non-backward
         # ops write zeros to a scratch row): XLA does not take TensorArrays through a Case.
-        def pack(buffer, cursor, working, d_carry, d_weights, dx=zero_dx,
+        def pack(stored, cursor, working, d_carry, d_weights, dx=zero_dx,
                  index=scratch_index):
-            return ((buffer, dx, index) + tuple(cursor) + tuple(working) + tuple(d_carry)
+            return ((stored, dx, index) + tuple(cursor) + tuple(working) + tuple(d_carry)
                     + tuple(d_weights))
 
         def advance():
             _, new_carry, res = program.forward(xs[t], masks[t], cursor, weights, extras)
-            return pack(buffer, new_carry, res, d_carry, d_weights)
+            return pack(stored, new_carry, res, d_carry, d_weights)
 
         def store_hidden():
-            return pack(_write(buffer, offset, program.pack_hidden(cursor)), cursor, working,
-                        d_carry, d_weights)
+            return pack(store.write(stored, slot, offset, program.pack_hidden(cursor)),
+                        cursor, working, d_carry, d_weights)
 
         def store_internal():
-            return pack(_write(buffer, offset, program.pack_internal(cursor, working)),
+            return pack(store.write(stored, slot, offset,
+                                    program.pack_internal(cursor, working)),
                         cursor, working, d_carry, d_weights)
 
         def restore():
-            flat = _read(buffer, offset, hidden_size)
-            return pack(buffer, program.unpack_hidden(flat), working, d_carry, d_weights)
+            flat = store.read(stored, slot, offset, hidden_size)
+            return pack(stored, program.unpack_hidden(flat), working, d_carry, d_weights)
+
+        def free():
+            return pack(store.free(stored, slot), cursor, working, d_carry, d_weights)
 
         def backward_from(new_carry, residuals):
             if d_outputs is not None:
@@ -590,33 +625,34 @@ def _backward_sweep(program, tables, xs, masks, weights, extras, invariants, buf
                                 lambda: zero_output)
             dx, d_prev, dw = program.backward(residuals, new_carry, invariants, xs[t],
                                               masks[t], d_out, d_carry, batch)
-            return pack(buffer, cursor, working, d_prev,
+            return pack(stored, cursor, working, d_prev,
                         [a + g for a, g in zip(d_weights, dw)], dx, t)
 
         def backward_stored():
-            carry_i, residuals = program.unpack_internal(_read(buffer, offset, internal_size))
+            carry_i, residuals = program.unpack_internal(
+                store.read(stored, slot, offset, internal_size))
             return backward_from(carry_i, residuals)
 
         def backward_cursor():
             return backward_from(cursor, working)
 
-        def unreachable():  # FREE rows are dropped from the table
-            return pack(buffer, cursor, working, d_carry, d_weights)
+        def unused():
+            return pack(stored, cursor, working, d_carry, d_weights)
 
         by_kind = {OpKind.ADVANCE: advance, OpKind.STORE_HIDDEN: store_hidden,
                    OpKind.STORE_INTERNAL: store_internal, OpKind.RESTORE: restore,
-                   OpKind.FREE: unreachable, OpKind.BACKWARD_STORED: backward_stored,
+                   OpKind.FREE: free, OpKind.BACKWARD_STORED: backward_stored,
                    OpKind.BACKWARD_CURSOR: backward_cursor}
-        # Kinds the plan never uses get the no-op branch: XLA compiles every branch, and
+        # Kinds the plan never uses get a no-op branch: XLA compiles every branch, and
         # e.g. reading an internal state from a buffer sized for hidden states alone would
         # not compile.
-        result = tf.switch_case(kind, [by_kind[k] if k in used_kinds else unreachable
+        result = tf.switch_case(kind, [by_kind[k] if k in used_kinds else unused
                                        for k in sorted(by_kind)])
-        buffer, dx, index = result[:3]
+        stored, dx, index = result[:3]
         dxs_ta = dxs_ta.write(index, dx)
-        return (i + 1, buffer, dxs_ta) + tuple(result[3:])
+        return (i + 1, stored, dxs_ta) + tuple(result[3:])
 
-    init = ((tf.constant(0), buffer, dxs_ta) + tuple(final_carry) + tuple(residuals_last)
+    init = ((tf.constant(0), stored, dxs_ta) + tuple(final_carry) + tuple(residuals_last)
             + tuple(d_carry0) + tuple(d_weights0))
     result = tf.while_loop(lambda i, *_: i < num_ops, body, init, maximum_iterations=num_ops)
     dxs = result[2].stack()[:num_steps]
