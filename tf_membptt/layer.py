@@ -12,7 +12,7 @@ from keras.src.layers.rnn.stacked_rnn_cells import StackedRNNCells
 
 from tf_membptt import executor
 from tf_membptt.budget import format_bytes, parse_budget
-from tf_membptt.planner import minimum_memory_slots, plan as make_plan
+from tf_membptt.planner import alpha_units, minimum_memory_slots, plan as make_plan
 from tf_membptt.schedule import STRATEGIES
 
 
@@ -266,8 +266,16 @@ class MemoryEfficientRNN(keras.layers.RNN):
         hidden_bytes = (None if batch_size is None
                         else program.hidden_size * itemsize * int(batch_size))
         slots = self._budget.slots(num_steps=num_steps, alpha=alpha, hidden_bytes=hidden_bytes)
-        if self.strategy in ("full", "chen") and self._budget.kind == "unlimited":
-            slots = minimum_memory_slots(num_steps, self.strategy, alpha)
+        if self._budget.kind == "unlimited":
+            # No limit: leave room for what the planner charges an internal state (alpha
+            # rounded up to a multiple of 1/q), so that peak_memory <= memory_slots and
+            # msm/hsm/ism can store every internal state.
+            units, per_slot = alpha_units(alpha)
+            charged = units / per_slot
+            if self.strategy in ("full", "chen"):
+                slots = minimum_memory_slots(num_steps, self.strategy, charged)
+            else:
+                slots = max(slots, 1.0 + charged * num_steps)
         minimum = minimum_memory_slots(num_steps, self.strategy, alpha)
         if slots < minimum - 1e-9:
             if self._budget.kind == "bytes":
