@@ -40,12 +40,29 @@ units, with ``a / q = alpha`` exactly when alpha is a multiple of ``1 / q`` for 
 ``q <= 8``; otherwise alpha is rounded *up* to the next multiple of 1/8, so a plan may
 reserve slightly more than an internal state needs but never exceeds the budget.
 
-Cost: ``O(T^2 * B)`` time for ``B`` budget units (vectorized over ``y`` and ``b``), only
-over budgets below saturation (``b < q + a (n - 1)``, where ``n`` evaluations suffice).
-When that work would be too large, `plan` switches to an approximate DP that tries only a
-strided subset of split points ``y`` (all small ``y`` and at most `_APPROX_CANDIDATES`
-others); its result is a valid schedule whose cost is an upper bound on the optimum,
-reported as ``method="approximate"`` (benchmarks compare it to the exact DP).
+Solving the recurrences
+-----------------------
+The tables are filled one segment length ``n`` at a time, vectorized over the budgets
+``b`` below saturation (``b < q + a (n - 1)``: above it ``n`` evaluations suffice) and over
+the moves. For each move the split ``y`` minimizes ``h(y) = f(y) + g(n - y)``, ``f`` the left
+part at budget ``b`` and ``g`` the right part at a smaller one. Rather than trying all
+``n - 1`` splits (``O(T^2 B)`` in all), the solver tries a window of 4 splits around the
+previous row's best and *certifies* it: ``h`` cannot go below its value at the window's
+right end if every later increment of ``f`` is at least every earlier increment of ``g``
+(symmetrically on the left). The columns are nearly convex in ``n`` (HSM and ISM exactly;
+MSM increments dither by one where they step up), so the certificate uses exact running
+statistics of the computed columns: prefix maxima of the increments, and minima of the next
+`_RUN` increments, valid wherever the checked invariant "no increment is below the
+smallest of the `_RUN` before it" holds. Cells whose certificate fails are retried on
+windows of 64, 512 and 2048 splits, and finally on every split, so the result is exactly
+that of the full search (checked against it). Most cells take the first window: ``T = 1000``
+takes about a second or less at any budget.
+
+Above `_EXACT_WORK_LIMIT` cells (memory: about 34 bytes a cell), `plan` switches to the
+*approximate* method: the same windows, but cells whose certificate still fails after the
+widest window keep the best split found there instead of a full search. It is a valid
+schedule whose cost is an upper bound on the optimum (``method="approximate"``); where both
+can be computed it stays within a fraction of a percent of the exact cost (benchmarks).
 """
 
 from __future__ import annotations
@@ -61,9 +78,13 @@ from tf_membptt.schedule import STRATEGIES, Op, OpKind, Plan
 
 _INF = np.int64(1) << 52
 _MAX_UNITS_PER_SLOT = 8
-# Above this many (n, y, b) cells the exact DP is replaced by the approximate one.
-_EXACT_WORK_LIMIT = 1.5e9
-_APPROX_CANDIDATES = 96
+# Above this many (n, b) cells the exact DP is replaced by the approximate one (memory:
+# about 34 bytes a cell for msm).
+_EXACT_WORK_LIMIT = 2e7
+# Widths of the successive windows of split points tried around the last argmin.
+_WINDOWS = (4, 64, 512, 2048)
+# Run length of the verified invariant on increments used by the certificates.
+_RUN = 4
 
 # Choice codes in the DP tables.
 _TRIANGLE, _STORE_HIDDEN, _STORE_INTERNAL, _FREE_START = 0, 1, 2, 3
@@ -208,87 +229,227 @@ def _saturation(n: int, a: int, q: int, strategy: str) -> int:
 
 
 def _solve(T: int, B: int, a: int, q: int, strategy: str):
+    """Fill the Q and D tables for segments of up to ``T`` steps and budgets up to ``B``.
+
+    Returns ``(tables, method)``. See the module docstring ("Solving the recurrences").
+    """
     width = min(B, _saturation(T, a, q, strategy)) + 1
-    use_hidden = strategy in ("hsm", "msm")
-    use_internal = strategy in ("ism", "msm")
-    use_free = strategy == "msm"
-    # Work estimate of the exact DP: sum_n n * min(width, saturation(n)).
+    # Work (and memory) of the DP: the number of (n, b) cells searched.
     ns = np.arange(1, T + 1, dtype=np.float64)
-    work = float(np.sum(ns * np.minimum(width, q + a * ns)))
+    work = float(np.sum(np.minimum(width, q + a * ns)))
     exact = work <= _EXACT_WORK_LIMIT
-    cost_q = np.full((T + 1, width), _INF, dtype=np.int64)
-    cost_d = np.full((T + 1, width), _INF, dtype=np.int64)
-    choice_q = np.zeros((T + 1, width), dtype=np.int8)
-    choice_d = np.zeros((T + 1, width), dtype=np.int8)
-    split_q = np.zeros((T + 1, width), dtype=np.int32)
-    split_d = np.zeros((T + 1, width), dtype=np.int32)
-    cost_q[0, :] = 0
-    cost_d[0, :] = 0
-    for n in range(1, T + 1):
-        # Only budgets below saturation need the search; above it, copy the saturated column.
-        top = min(width - 1, _saturation(n, a, q, strategy))
-        cols = top + 1
-        best_q = np.full(cols, _INF, np.int64)
-        best_q[q:] = n * (n + 1) // 2  # triangle: recompute from the start for every step
-        best_d = best_q.copy()
-        ch_q = np.zeros(cols, np.int8)
-        ch_d = np.zeros(cols, np.int8)
-        sp_q = np.zeros(cols, np.int32)
-        sp_d = np.zeros(cols, np.int32)
-        if n > 1:
-            if exact or n - 1 <= _APPROX_CANDIDATES:
-                ys = np.arange(1, n, dtype=np.int64)
+    return _Solver(T, a, q, strategy, width, certify=exact).run(), (
+        "exact" if exact else "approximate")
+
+
+class _Solver:
+    """The DP of `_solve`, one row ``n`` at a time, vectorized over budgets and moves.
+
+    For a move with left part ``f(y)`` (``y`` plus the cost of steps ``1..y`` or ``1..y-1``
+    at budget ``b``) and right part ``g(n - y)`` (the cost of the rest at a smaller budget),
+    it evaluates ``h(y) = f(y) + g(n - y)`` on a window of ``y`` around the previous row's
+    argmin, then proves that no ``y`` outside the window does better: ``h`` cannot decrease
+    to the right of the window if every later increment of ``f`` is at least every earlier
+    increment of ``g`` (and symmetrically on the left). The bounds used are exact running
+    statistics of the already computed columns (prefix maxima of the increments; suffix
+    minima of the next `_RUN` increments, valid where the verified invariant "no increment
+    is below the smallest of the `_RUN` before it" holds from there on). Cells whose
+    certificate fails are retried on wider windows, and finally searched over every ``y``,
+    so the exact tables are those of the plain ``O(T^2 B)`` search. In the approximate
+    method the last, full search is skipped: the best split found in the windows is kept.
+    """
+
+    def __init__(self, T, a, q, strategy, width, certify):
+        self.T, self.a, self.q, self.W = T, a, q, width
+        self.strategy, self.certify = strategy, certify
+        self.nt = nt = 2 if strategy == "msm" else 1  # HSM and ISM: D == Q
+        if T * (T + 1) // 2 < (1 << 28):
+            self.dt, self.inf = np.int32, 1 << 29
+        else:
+            self.dt, self.inf = np.int64, 1 << 52
+        # Increments along n are at most T + 1; keep their statistics compact.
+        self.sdt = np.int16 if T + 2 < 32000 else np.int32
+        self.scap = int(np.iinfo(self.sdt).max) - 1
+        N1, W = T + 1, width
+        # Costs are kept twice: row-major [t, n, b] for the narrow first windows (neighbouring
+        # budgets read neighbouring cells) and budget-major [t, b, n] for the wide windows
+        # and full searches (one column, consecutive n).
+        self.C = np.full((nt, N1, W), self.inf, self.dt)
+        self.C[:, 0, :] = 0
+        self.CT = np.full((nt, W, N1), self.inf, self.dt)
+        self.CT[:, :, 0] = 0
+        self.P = np.zeros((nt, N1, W), self.sdt)  # P[k] = max of increments 0..k
+        self.M = np.full((nt, N1, W), self.scap, self.sdt)  # min of increments k..k+_RUN-1
+        self.viol = np.full((nt, W), -1, np.int64)  # last row breaking the run invariant
+        self.choice = np.zeros((nt, N1, W), np.int8)
+        self.split = np.zeros((nt, N1, W), np.int32)
+        self.Cf, self.CTf = self.C.reshape(-1), self.CT.reshape(-1)
+        self.Pf, self.Mf = self.P.reshape(-1), self.M.reshape(-1)
+        self.violf = self.viol.reshape(-1)
+        hidden = (0, 0, nt - 1, q, 2 * q, _STORE_HIDDEN)  # (tf, sf, tg, off, lo, code)
+        internal = (0, 1, 0, a, q + a, _STORE_INTERNAL)
+        moves = []
+        if strategy in ("ism", "msm"):
+            moves.append(internal + (0,))
+            if nt == 2:
+                moves.append((1,) + internal[1:] + (1,))
+        if strategy in ("hsm", "msm"):
+            moves.append(hidden + (0,))
+            if nt == 2:
+                moves.append((1,) + hidden[1:] + (1,))
+        self.moves = moves  # (f table, shift, g table, budget offset, lowest b, code, out)
+        self.prev = np.ones(len(moves) * W, np.int64)  # last argmin per move and budget
+        self._tasks_cols = None
+
+    # -- task arrays: one entry per (move, budget) searched in a row ------------------
+    def _tasks(self, cols):
+        """Per task: f and g column offsets (row-major, budget-major), the shift of f,
+        the statistics index of the f and g columns, and the `prev` index."""
+        if self._tasks_cols == cols:
+            return self._task_arrays
+        W, N1 = self.W, self.T + 1
+        TS = W * N1
+        parts, segs, start = [], [], 0
+        for index, (tf, sf, tg, off, lo, code, out) in enumerate(self.moves):
+            if lo >= cols:
+                continue
+            bs = np.arange(lo, cols, dtype=np.int64)
+            parts.append((tf * TS + bs, tg * TS + bs - off,
+                          tf * TS + bs * N1, tg * TS + (bs - off) * N1,
+                          np.full(bs.size, sf, np.int64),
+                          tf * W + bs, tg * W + bs - off, index * W + bs))
+            segs.append((start, start + bs.size, lo, code, out))
+            start += bs.size
+        arrays = tuple(np.concatenate(column) for column in zip(*parts)) if parts else None
+        self._tasks_cols, self._task_arrays = cols, (arrays, segs)
+        return arrays, segs
+
+    def _full(self, n, tasks):
+        """Exact min over every split ``y = 1..n-1``, in chunks of tasks."""
+        CTf = self.CTf
+        fcolT, gcolT, sf = tasks[2], tasks[3], tasks[4]
+        ys = np.arange(1, n, dtype=np.int64)
+        val = np.empty(sf.size, np.int64)
+        arg = np.empty(sf.size, np.int64)
+        chunk = max(1, (1 << 21) // max(1, n))
+        for s in range(0, sf.size, chunk):
+            sl = slice(s, s + chunk)
+            cand = (ys + CTf[(fcolT[sl] - sf[sl])[:, None] + ys]
+                    + CTf[(gcolT[sl] + n)[:, None] - ys])
+            j = np.argmin(cand, axis=1)
+            val[sl] = cand[np.arange(j.size), j]
+            arg[sl] = j + 1
+        return val, arg
+
+    def _window(self, n, tasks, center, left, w):
+        """Min over a window of ``w`` splits, and whether it is certified global."""
+        fcol, gcol, fcolT, gcolT, sf, fst, gst = tasks[:7]
+        Cf, Pf, Mf, W = self.Cf, self.Pf, self.Mf, self.W
+        start = np.clip(center - left, 1, n - w)
+        if w <= _WINDOWS[0]:
+            steps = np.arange(w) * W
+            h = (Cf[(fcol + (start - sf) * W)[:, None] + steps]
+                 + Cf[(gcol + (n - start) * W)[:, None] - steps])
+        else:
+            steps = np.arange(w)
+            h = (self.CTf[(fcolT + start - sf)[:, None] + steps]
+                 + self.CTf[(gcolT + n - start)[:, None] - steps])
+        h += np.arange(w, dtype=h.dtype)
+        j = np.argmin(h, axis=1)
+        y = start + j
+        val = h[np.arange(j.size), j] + start
+        # Right of the window: h(y+1) - h(y) = df(y) - dg(n-y-1) >= 0 for every y >= yr,
+        # where df(y) = 1 + (increment of the f column at y - sf). Its increments from
+        # j0 on are >= M[j0] (the run invariant holds from j0 on), and the g increments
+        # at n-y-1 <= n-yr-1 are <= P[n-yr-1].
+        yr = start + (w - 1)
+        j0 = yr - sf
+        ok = (1 + Mf[fcol + j0 * W] >= Pf[gcol + (n - yr - 1) * W]) & (self.violf[fst] < j0 + _RUN)
+        ok |= yr >= n - 1
+        # Left of the window: df(y) - dg(n-y-1) <= 0 for every y < yl (increments of f up
+        # to yl-1-sf are <= P, those of g from n-yl on are >= M).
+        yl = start
+        g0 = n - yl
+        ok_l = ((1 + Pf[fcol + np.maximum(yl - 1 - sf, 0) * W] <= Mf[gcol + g0 * W])
+                & (self.violf[gst] < g0 + _RUN))
+        ok &= ok_l | (yl <= 1)
+        return val, y, ok
+
+    def _search(self, n, tasks):
+        pvi = tasks[7]
+        if n - 1 <= _WINDOWS[0]:
+            val, y = self._full(n, tasks)
+            self.prev[pvi] = y
+            return val, y
+        val, y, ok = self._window(n, tasks, self.prev[pvi], 1, _WINDOWS[0])
+        stages = _WINDOWS[1:] + ((None,) if self.certify else ())
+        for w in stages:
+            if ok.all():
+                break
+            bad = np.nonzero(~ok)[0]
+            sub = tuple(column[bad] for column in tasks)
+            if w is None or n - 1 <= w:
+                v2, y2 = self._full(n, sub)
+                ok2 = True
             else:
-                ys = _candidate_splits(n)
-            y_col = ys[:, None]
+                v2, y2, ok2 = self._window(n, sub, y[bad], w // 2, w)
+            better = v2 < val[bad]
+            val[bad] = np.where(better, v2, val[bad])
+            y[bad] = np.where(better, y2, y[bad])
+            ok[bad] = ok2
+        self.prev[pvi] = y
+        return val, y
 
-            def consider(cand, best, ch, sp, code, lo):
-                index = np.argmin(cand, axis=0)
-                value = cand[index, np.arange(cand.shape[1])]
-                better = value < best[lo:]
-                best[lo:] = np.where(better, value, best[lo:])
-                ch[lo:] = np.where(better, code, ch[lo:])
-                sp[lo:] = np.where(better, ys[index], sp[lo:])
-
-            if use_internal and cols > q + a - 1 and q + a <= top:
-                lo = q + a
-                right = cost_q[n - ys][:, lo - a:cols - a]  # Q(n - y, b - a)
-                consider(y_col + right + cost_q[ys - 1][:, lo:cols],
-                         best_q, ch_q, sp_q, _STORE_INTERNAL, lo)
-                consider(y_col + right + cost_d[ys - 1][:, lo:cols],
-                         best_d, ch_d, sp_d, _STORE_INTERNAL, lo)
-            if use_hidden and 2 * q <= top:
-                lo = 2 * q
-                right = cost_d[n - ys][:, lo - q:cols - q]  # D(n - y, b - 1)
-                consider(y_col + right + cost_q[ys][:, lo:cols],
-                         best_q, ch_q, sp_q, _STORE_HIDDEN, lo)
-                consider(y_col + right + cost_d[ys][:, lo:cols],
-                         best_d, ch_d, sp_d, _STORE_HIDDEN, lo)
-            if use_free and a <= top:
-                lo = max(a, q)
-                cand = 1 + cost_q[n - 1, lo - a + q:cols - a + q]  # 1 + Q(n - 1, b - a + 1)
-                better = cand < best_d[lo:]
-                best_d[lo:] = np.where(better, cand, best_d[lo:])
-                ch_d[lo:] = np.where(better, _FREE_START, ch_d[lo:])
-                sp_d[lo:] = np.where(better, 1, sp_d[lo:])
-        if strategy == "hsm":
-            best_d, ch_d, sp_d = best_q, ch_q, sp_q
-        cost_q[n, :cols], cost_d[n, :cols] = best_q, best_d
-        choice_q[n, :cols], choice_d[n, :cols] = ch_q, ch_d
-        split_q[n, :cols], split_d[n, :cols] = sp_q, sp_d
-        if cols < width:
-            for table in (cost_q, cost_d, choice_q, choice_d, split_q, split_d):
-                table[n, cols:] = table[n, top]
-    tables = _Tables(cost_q, cost_d, choice_q, choice_d, split_q, split_d)
-    return tables, ("exact" if exact else "approximate")
-
-
-def _candidate_splits(n: int) -> np.ndarray:
-    """Split points tried by the approximate DP: small ones densely, the rest strided."""
-    dense = np.arange(1, min(n, 17), dtype=np.int64)
-    strided = np.unique(np.linspace(1, n - 1, _APPROX_CANDIDATES).round().astype(np.int64))
-    tail = np.arange(max(1, n - 16), n, dtype=np.int64)
-    return np.unique(np.concatenate([dense, strided, tail]))
+    # -- the row loop ---------------------------------------------------------------
+    def run(self) -> "_Tables":
+        T, a, q, W, nt = self.T, self.a, self.q, self.W, self.nt
+        C, CT, P, M = self.C, self.CT, self.P, self.M
+        choice, split = self.choice, self.split
+        use_free = self.strategy == "msm"
+        for n in range(1, T + 1):
+            top = min(W - 1, _saturation(n, a, q, self.strategy))
+            cols = top + 1
+            best = np.full((nt, cols), self.inf, np.int64)
+            best[:, q:] = n * (n + 1) // 2  # triangle: recompute from the start every time
+            ch = np.zeros((nt, cols), np.int8)
+            sp = np.zeros((nt, cols), np.int32)
+            if n > 1:
+                tasks, segs = self._tasks(cols)
+                if tasks is not None:
+                    val, y = self._search(n, tasks)
+                    for s0, s1, lo, code, out in segs:
+                        v = val[s0:s1]
+                        better = v < best[out, lo:]
+                        best[out, lo:] = np.where(better, v, best[out, lo:])
+                        ch[out, lo:][better] = code
+                        sp[out, lo:] = np.where(better, y[s0:s1], sp[out, lo:])
+                if use_free and a <= top:
+                    lo = max(a, q)
+                    cand = 1 + C[0, n - 1, lo - a + q:cols - a + q]  # 1 + Q(n-1, b-a+1)
+                    better = cand < best[1, lo:]
+                    best[1, lo:] = np.where(better, cand, best[1, lo:])
+                    ch[1, lo:][better] = _FREE_START
+                    sp[1, lo:][better] = 1
+            for table, row in ((C, best), (choice, ch), (split, sp)):
+                table[:, n, :cols] = row
+                if cols < W:
+                    table[:, n, cols:] = row[:, -1:]
+            CT[:, :, n] = C[:, n]
+            # Running statistics of the increments C[n] - C[n-1] of every column.
+            delta = np.minimum(C[:, n].astype(np.int64) - C[:, n - 1], self.scap)
+            if n - 1 - _RUN >= 0:
+                self.viol[delta < M[:, n - 1 - _RUN]] = n - 1
+            M[:, n - 1] = delta
+            first = max(0, n - _RUN)
+            if first < n - 1:
+                np.minimum(M[:, first:n - 1], delta[:, None, :].astype(self.sdt),
+                           out=M[:, first:n - 1])
+            if n == 1:
+                P[:, 0] = delta
+            else:
+                np.maximum(P[:, n - 2], delta, out=P[:, n - 1])
+        d = nt - 1
+        return _Tables(C[0], C[d], choice[0], choice[d], split[0], split[d])
 
 
 # --------------------------------------------------------------------------------------
