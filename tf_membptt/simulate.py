@@ -58,6 +58,10 @@ class SimulationResult:
 _HIDDEN, _INTERNAL = "h", "i"
 
 
+def _state_name(kind: str, step: int) -> str:
+    return f"{'h' if kind == _HIDDEN else 'I'}_{step}"
+
+
 def _fail(index: int, op: Op, message: str) -> ScheduleError:
     return ScheduleError(f"op #{index} {op!r}: {message}")
 
@@ -183,7 +187,7 @@ def simulate(plan: Plan) -> SimulationResult:
             held_kind, held_step = stack[op.slot]
             if held_step != step:
                 raise _fail(index, op, f"restores h_{step} but slot {op.slot} holds "
-                                       f"{held_kind}_{held_step}".replace("i_", "I_"))
+                                       f"{_state_name(held_kind, held_step)}")
             cursor = step
             just_evaluated = None
             continue
@@ -218,18 +222,15 @@ def simulate(plan: Plan) -> SimulationResult:
                     raise _fail(index, op, f"reads slot {op.slot}, which holds nothing")
                 _check_stack_position(index, op, stack)
                 if stack[op.slot] != (_INTERNAL, step):
-                    held_kind, held_step = stack[op.slot]
-                    raise _fail(index, op,
-                                f"needs I_{step} but slot {op.slot} holds "
-                                f"{'h' if held_kind == _HIDDEN else 'I'}_{held_step}")
+                    raise _fail(index, op, f"needs I_{step} but slot {op.slot} holds "
+                                           f"{_state_name(*stack[op.slot])}")
             else:
                 if op.slot != -1:
                     raise _fail(index, op, "BACKWARD_CURSOR uses no slot (slot must be -1)")
                 if just_evaluated != step:
-                    raise _fail(index, op,
-                                f"needs I_{step} from the step just evaluated, but "
-                                f"{'no step' if just_evaluated is None else f'step {just_evaluated}'}"
-                                f" was just evaluated")
+                    latest = "no step" if just_evaluated is None else f"step {just_evaluated}"
+                    raise _fail(index, op, f"needs I_{step} from the step just evaluated, "
+                                           f"but {latest} was just evaluated")
             backward_order.append(step)
             next_backward -= 1
             continue
