@@ -104,8 +104,10 @@ def parse_budget(memory_budget) -> Budget:
         match = _BYTES_RE.match(memory_budget)
         if match and match.group(2).lower() in _UNITS:
             value = float(match.group(1)) * _UNITS[match.group(2).lower()]
-            if not value > 0:
-                fail("must be positive")
+            if value < 1:
+                fail("as a string is bytes and must be at least 1 byte; for a fraction of "
+                     "standard BPTT's memory pass a float (e.g. 0.05) or a percentage "
+                     "(e.g. '5%')")
             return Budget("bytes", value, original)
         fail("is not a recognised budget: use a fraction such as 0.05 or '5%', bytes such "
              "as 67108864 or '64MiB' / '1.5GB', or 'slots:N'")
