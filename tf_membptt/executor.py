@@ -401,10 +401,10 @@ def plan_tables(plan: Plan, hidden_size: int, internal_size: int) -> _Tables:
 
 
 class _FlatStore:
-    """All stored states in one ``[capacity, batch]`` buffer, at stack offsets.
+    """All stored states in one ``[batch, capacity]`` buffer, at stack offsets.
 
-    Used under XLA, which updates a loop-carried buffer in place. (TensorFlow's own
-    executor copies it on every update, so it uses `_SlotStore`.)
+    Used under XLA, which updates a loop-carried buffer in place with a dynamic-update-slice.
+    (TensorFlow's own executor would copy it on every update, so it uses `_SlotStore`.)
     """
 
     def __init__(self, tables, batch, static_batch, dtype):
@@ -412,18 +412,33 @@ class _FlatStore:
         self.static_batch = static_batch
 
     def empty(self):
-        return tf.zeros(tf.stack([self.capacity, self.batch]), self.dtype)
+        return tf.zeros(tf.stack([self.batch, self.capacity]), self.dtype)
 
     def write(self, store, slot, offset, flat):
-        indices = tf.expand_dims(offset + tf.range(flat.shape[1]), 1)
-        return tf.tensor_scatter_nd_update(store, indices, tf.transpose(flat))
+        from tensorflow.compiler.tf2xla.python import xla
+
+        return xla.dynamic_update_slice(store, tf.cast(flat, self.dtype),
+                                        tf.stack([tf.constant(0, tf.int32), offset]))
 
     def read(self, store, slot, offset, size):
-        flat = tf.transpose(tf.slice(store, tf.stack([offset, 0]), [size, -1]))
+        flat = tf.slice(store, tf.stack([tf.constant(0, tf.int32), offset]), [-1, size])
         return _with_shape(flat, [self.static_batch, size])
 
     def free(self, store, slot):
         return store  # the stack's next push overwrites it
+
+    def write_if(self, store, kind, wanted_kind, offset, flat):
+        """Writes `flat` at `offset` when ``kind == wanted_kind``, else rewrites what is at
+        offset 0. Unconditional, so the buffer never passes through a conditional: XLA
+        then updates it in place (through a conditional it copies the whole buffer)."""
+        hit = tf.equal(kind, wanted_kind)
+        offset = tf.where(hit, offset, 0)
+        old = self.read(store, None, offset, flat.shape[1])
+        return self.write(store, None, offset, tf.where(hit, flat, old))
+
+    def read_if(self, store, kind, wanted_kind, offset, size):
+        """Reads at `offset` when ``kind == wanted_kind``, else at offset 0 (unused)."""
+        return self.read(store, None, tf.where(tf.equal(kind, wanted_kind), offset, 0), size)
 
 
 class _SlotStore:
@@ -528,9 +543,13 @@ def _forward_sweep(program, tables, store, xs, masks, carry0, weights, extras, b
         output, new_carry, new_residuals = program.forward(xs[t], masks[t], list(carry),
                                                            weights, extras)
         kind, slot, offset = store_table[t][0], store_table[t][1], store_table[t][2]
-        # Only the store kinds this plan uses are built: XLA compiles every branch, and a
-        # branch writing a state larger than the buffer would not compile.
-        if used[1] or used[2]:
+        if isinstance(store, _FlatStore):
+            stored = store.write_if(stored, kind, 1, offset, program.pack_hidden(new_carry)) \
+                if used[1] else stored
+            stored = store.write_if(stored, kind, 2, offset, program.pack_internal(
+                new_carry, new_residuals)) if used[2] else stored
+        elif used[1] or used[2]:
+            # Only the store kinds this plan uses are built (see _backward_sweep).
             def no_store():
                 return stored
 
@@ -571,6 +590,8 @@ def _backward_sweep(program, tables, store, xs, masks, weights, extras, invarian
     zero_output = tf.zeros(tf.concat([[batch], output_spec.shape[1:]], 0), output_spec.dtype)
     zero_dx = tf.zeros_like(xs[0])
     scratch_index = tf.constant(num_steps, tf.int32)
+    no_buffer = tf.zeros([], tf.int32)
+    flat_store = isinstance(store, _FlatStore)
     d_weights0 = [tf.zeros_like(w) for w in weights]
     dxs_ta = tf.TensorArray(xs.dtype, size=num_steps + 1)  # + a scratch row
     num_carry, num_res, num_w = len(final_carry), len(residuals_last), len(weights)
@@ -588,49 +609,75 @@ def _backward_sweep(program, tables, store, xs, masks, weights, extras, invarian
         row = ops_table[i]
         kind, step, slot, offset = row[0], row[1], row[2], row[3]
         t = step - 1
+        # Per-step slices are taken here, outside the switch, so that the branches capture
+        # one step's tensors rather than whole sequences (XLA passes captures as operands).
+        t_valid = tf.maximum(t, 0)
+        x_t, mask_t = xs[t_valid], masks[t_valid]
+        if d_outputs is not None:
+            d_out = d_outputs[t_valid]
+        else:
+            d_out = tf.where(tf.equal(step, num_steps), d_last, zero_output)
 
         # Every branch returns the whole state plus (dx, where to write it). The TensorArray
         # of input gradients is written once per iteration outside the branches (non-backward
         # ops write zeros to a scratch row): XLA does not take TensorArrays through a Case.
         def pack(stored, cursor, working, d_carry, d_weights, dx=zero_dx,
                  index=scratch_index):
+            if flat_store:
+                stored = no_buffer  # the buffer stays outside the switch
             return ((stored, dx, index) + tuple(cursor) + tuple(working) + tuple(d_carry)
                     + tuple(d_weights))
 
         def advance():
-            _, new_carry, res = program.forward(xs[t], masks[t], cursor, weights, extras)
+            _, new_carry, res = program.forward(x_t, mask_t, cursor, weights, extras)
             return pack(stored, new_carry, res, d_carry, d_weights)
 
         def store_hidden():
+            if flat_store:  # written above
+                return pack(stored, cursor, working, d_carry, d_weights)
             return pack(store.write(stored, slot, offset, program.pack_hidden(cursor)),
                         cursor, working, d_carry, d_weights)
 
         def store_internal():
+            if flat_store:  # written above
+                return pack(stored, cursor, working, d_carry, d_weights)
             return pack(store.write(stored, slot, offset,
                                     program.pack_internal(cursor, working)),
                         cursor, working, d_carry, d_weights)
 
+        if flat_store:
+            # Under XLA the buffer stays out of the switch below (see _FlatStore.write_if):
+            # reads happen before it, writes after it.
+            if OpKind.RESTORE in used_kinds:
+                restored = store.read_if(stored, kind, OpKind.RESTORE, offset, hidden_size)
+            if OpKind.BACKWARD_STORED in used_kinds:
+                internal = store.read_if(stored, kind, OpKind.BACKWARD_STORED, offset,
+                                         internal_size)
+            if OpKind.STORE_HIDDEN in used_kinds:
+                stored = store.write_if(stored, kind, OpKind.STORE_HIDDEN, offset,
+                                        program.pack_hidden(cursor))
+            if OpKind.STORE_INTERNAL in used_kinds:
+                stored = store.write_if(stored, kind, OpKind.STORE_INTERNAL, offset,
+                                        program.pack_internal(cursor, working))
+        else:
+            restored = internal = None
+
         def restore():
-            flat = store.read(stored, slot, offset, hidden_size)
+            flat = restored if flat_store else store.read(stored, slot, offset, hidden_size)
             return pack(stored, program.unpack_hidden(flat), working, d_carry, d_weights)
 
         def free():
             return pack(store.free(stored, slot), cursor, working, d_carry, d_weights)
 
         def backward_from(new_carry, residuals):
-            if d_outputs is not None:
-                d_out = d_outputs[t]
-            else:
-                d_out = tf.cond(tf.equal(step, num_steps), lambda: d_last,
-                                lambda: zero_output)
-            dx, d_prev, dw = program.backward(residuals, new_carry, invariants, xs[t],
-                                              masks[t], d_out, d_carry, batch)
+            dx, d_prev, dw = program.backward(residuals, new_carry, invariants, x_t,
+                                              mask_t, d_out, d_carry, batch)
             return pack(stored, cursor, working, d_prev,
                         [a + g for a, g in zip(d_weights, dw)], dx, t)
 
         def backward_stored():
-            carry_i, residuals = program.unpack_internal(
-                store.read(stored, slot, offset, internal_size))
+            flat = internal if flat_store else store.read(stored, slot, offset, internal_size)
+            carry_i, residuals = program.unpack_internal(flat)
             return backward_from(carry_i, residuals)
 
         def backward_cursor():
@@ -648,7 +695,9 @@ def _backward_sweep(program, tables, store, xs, masks, weights, extras, invarian
         # not compile.
         result = tf.switch_case(kind, [by_kind[k] if k in used_kinds else unused
                                        for k in sorted(by_kind)])
-        stored, dx, index = result[:3]
+        dx, index = result[1:3]
+        if not flat_store:
+            stored = result[0]
         dxs_ta = dxs_ta.write(index, dx)
         return (i + 1, stored, dxs_ta) + tuple(result[3:])
 
