@@ -368,7 +368,7 @@ class _Tables:
     """The plan as constant tables for the loops (numpy, made once per plan)."""
 
     forward_store: np.ndarray  # per step: kind (0 none, 1 hidden, 2 internal), slot, offset
-    backward_ops: np.ndarray  # rows: kind, step, slot, offset (FREE rows kept)
+    backward_ops: np.ndarray  # rows: kind, step, slot, offset, dx_row (FREE rows kept)
     capacity: int  # elements per batch row of the flat buffer: the plan's peak
     num_slots: int  # stack depth of the slot list: the most states held at once
 
@@ -396,8 +396,20 @@ def plan_tables(plan: Plan, hidden_size: int, internal_size: int) -> _Tables:
                                             offset)
         elif kind not in (OpKind.FREE, OpKind.RESTORE):
             raise AssertionError(f"unexpected op {kind} in the first sweep")
-    return _Tables(forward_store, np.asarray(rows, np.int32).reshape(-1, 4), capacity,
-                   num_slots)
+    # Ops after the last backward only free slots: nothing is left to do.
+    while rows and rows[-1][0] not in (OpKind.BACKWARD_CURSOR, OpKind.BACKWARD_STORED):
+        rows.pop()
+    # Each iteration of the backward loop writes one row of the input gradient (XLA cannot
+    # take the TensorArray through the op switch). A backward op writes its own step's row;
+    # any other op writes zeros to the row of the next backward op, which overwrites it.
+    dx_rows, next_row = [], 0
+    for kind, step, _, _ in reversed(rows):
+        if kind in (OpKind.BACKWARD_CURSOR, OpKind.BACKWARD_STORED):
+            next_row = step - 1
+        dx_rows.append(next_row)
+    table = np.asarray([row + (dx_row,) for row, dx_row in zip(rows, reversed(dx_rows))],
+                       np.int32).reshape(-1, 5)
+    return _Tables(forward_store, table, capacity, num_slots)
 
 
 class _FlatStore:
@@ -589,11 +601,10 @@ def _backward_sweep(program, tables, store, xs, masks, weights, extras, invarian
     output_spec = program.output_spec
     zero_output = tf.zeros(tf.concat([[batch], output_spec.shape[1:]], 0), output_spec.dtype)
     zero_dx = tf.zeros_like(xs[0])
-    scratch_index = tf.constant(num_steps, tf.int32)
     no_buffer = tf.zeros([], tf.int32)
     flat_store = isinstance(store, _FlatStore)
     d_weights0 = [tf.zeros_like(w) for w in weights]
-    dxs_ta = tf.TensorArray(xs.dtype, size=num_steps + 1)  # + a scratch row
+    dxs_ta = tf.TensorArray(xs.dtype, size=num_steps)
     num_carry, num_res, num_w = len(final_carry), len(residuals_last), len(weights)
     d_carry0 = [tf.zeros_like(c) if d is None else d for c, d in zip(final_carry, d_final_carry)]
 
@@ -607,7 +618,7 @@ def _backward_sweep(program, tables, store, xs, masks, weights, extras, invarian
     def body(i, stored, dxs_ta, *loop_vars):
         cursor, working, d_carry, d_weights = unpack_vars(loop_vars)
         row = ops_table[i]
-        kind, step, slot, offset = row[0], row[1], row[2], row[3]
+        kind, step, slot, offset, dx_row = row[0], row[1], row[2], row[3], row[4]
         t = step - 1
         # Per-step slices are taken here, outside the switch, so that the branches capture
         # one step's tensors rather than whole sequences (XLA passes captures as operands).
@@ -618,14 +629,12 @@ def _backward_sweep(program, tables, store, xs, masks, weights, extras, invarian
         else:
             d_out = tf.where(tf.equal(step, num_steps), d_last, zero_output)
 
-        # Every branch returns the whole state plus (dx, where to write it). The TensorArray
-        # of input gradients is written once per iteration outside the branches (non-backward
-        # ops write zeros to a scratch row): XLA does not take TensorArrays through a Case.
-        def pack(stored, cursor, working, d_carry, d_weights, dx=zero_dx,
-                 index=scratch_index):
+        # Every branch returns the whole state plus dx, written after the switch to row
+        # dx_row of the input gradient (see plan_tables).
+        def pack(stored, cursor, working, d_carry, d_weights, dx=zero_dx):
             if flat_store:
                 stored = no_buffer  # the buffer stays outside the switch
-            return ((stored, dx, index) + tuple(cursor) + tuple(working) + tuple(d_carry)
+            return ((stored, dx) + tuple(cursor) + tuple(working) + tuple(d_carry)
                     + tuple(d_weights))
 
         def advance():
@@ -673,7 +682,7 @@ def _backward_sweep(program, tables, store, xs, masks, weights, extras, invarian
             dx, d_prev, dw = program.backward(residuals, new_carry, invariants, x_t,
                                               mask_t, d_out, d_carry, batch)
             return pack(stored, cursor, working, d_prev,
-                        [a + g for a, g in zip(d_weights, dw)], dx, t)
+                        [a + g for a, g in zip(d_weights, dw)], dx)
 
         def backward_stored():
             flat = internal if flat_store else store.read(stored, slot, offset, internal_size)
@@ -695,15 +704,15 @@ def _backward_sweep(program, tables, store, xs, masks, weights, extras, invarian
         # not compile.
         result = tf.switch_case(kind, [by_kind[k] if k in used_kinds else unused
                                        for k in sorted(by_kind)])
-        dx, index = result[1:3]
+        dx = result[1]
         if not flat_store:
             stored = result[0]
-        dxs_ta = dxs_ta.write(index, dx)
-        return (i + 1, stored, dxs_ta) + tuple(result[3:])
+        dxs_ta = dxs_ta.write(dx_row, dx)
+        return (i + 1, stored, dxs_ta) + tuple(result[2:])
 
     init = ((tf.constant(0), stored, dxs_ta) + tuple(final_carry) + tuple(residuals_last)
             + tuple(d_carry0) + tuple(d_weights0))
     result = tf.while_loop(lambda i, *_: i < num_ops, body, init, maximum_iterations=num_ops)
-    dxs = result[2].stack()[:num_steps]
+    dxs = result[2].stack()
     _, _, d_carry, d_weights = unpack_vars(result[3:])
     return dxs, d_carry, d_weights
