@@ -145,7 +145,8 @@ class MemoryEfficientRNN(keras.layers.RNN):
         initial_state = list(initial_state) if isinstance(initial_state, (list, tuple)) \
             else [initial_state]
         state_structure = initial_state
-        flat_states = keras.tree.flatten(initial_state)
+        # Tensors, not variables: a stateful layer passes its state variables here.
+        flat_states = [tf.convert_to_tensor(s) for s in keras.tree.flatten(initial_state)]
         carries_output = mask is not None and not self.zero_output_for_mask
 
         xs = tf.transpose(sequences, [1, 0] + list(range(2, len(sequences.shape))))
