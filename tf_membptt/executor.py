@@ -497,8 +497,18 @@ def run_planned(program: StepProgram, plan: Plan, xs, masks, carry, weights, ext
     store_kind = _FlatStore if _in_xla_context() else _SlotStore
     store = store_kind(tables, batch, xs.shape[1], program.dtype)
 
+    # When no tape watches the inputs (e.g. the layer reads a model input in model.fit),
+    # their gradient is never used: the sequence is then captured rather than passed in,
+    # and the backward does not build it (saving 2-3 copies of the input sequence).
+    needs_input_grad = _watched(xs)
+    captured_xs = xs
+
     @tf.custom_gradient
-    def planned(xs, *inputs):
+    def planned(*inputs):
+        if needs_input_grad:
+            xs, inputs = inputs[0], inputs[1:]
+        else:
+            xs = captured_xs
         carry0 = list(inputs[:num_carry])
         weight_values = list(inputs[num_carry:])
         # Nothing in the forward is recorded on an outer (eager) tape: the gradient below
@@ -515,13 +525,13 @@ def run_planned(program: StepProgram, plan: Plan, xs, masks, carry, weights, ext
             d_xs, d_carry0, d_weights = _backward_sweep(
                 program, tables, store, xs, masks, weight_values, extras, invariants, stored,
                 final_carry, residuals_last, list(d_final_carry), d_outputs, d_last, batch,
-                num_steps)
-            return [d_xs] + d_carry0 + d_weights
+                num_steps, needs_input_grad)
+            return ([d_xs] if needs_input_grad else []) + d_carry0 + d_weights
 
         result = outputs if return_sequences else last_output
         return (result,) + tuple(final_carry), grad
 
-    out = planned(xs, *carry, *weights)
+    out = planned(*([xs] if needs_input_grad else []), *carry, *weights)
     result, final_carry = out[0], list(out[1:])
     if return_sequences:
         return result[-1], result, final_carry
@@ -537,6 +547,16 @@ class _stop_recording:
 
     def __exit__(self, *exc):
         return self._ctx.__exit__(*exc)
+
+
+def _watched(tensor) -> bool:
+    """Whether a gradient tape would record an op reading `tensor` (True if unsure)."""
+    try:
+        from tensorflow.python.eager import record
+
+        return bool(record.should_record_backprop([tensor]))
+    except (ImportError, AttributeError, TypeError):  # pragma: no cover - private API moved
+        return True
 
 
 def _forward_sweep(program, tables, store, xs, masks, carry0, weights, extras, batch,
@@ -593,7 +613,7 @@ def _forward_sweep(program, tables, store, xs, masks, carry0, weights, extras, b
 
 def _backward_sweep(program, tables, store, xs, masks, weights, extras, invariants, stored,
                     final_carry, residuals_last, d_final_carry, d_outputs, d_last, batch,
-                    num_steps):
+                    num_steps, needs_input_grad=True):
     used_kinds = set(int(k) for k in np.unique(tables.backward_ops[:, 0]))
     ops_table = tf.constant(tables.backward_ops)
     num_ops = int(tables.backward_ops.shape[0])
@@ -604,7 +624,8 @@ def _backward_sweep(program, tables, store, xs, masks, weights, extras, invarian
     no_buffer = tf.zeros([], tf.int32)
     flat_store = isinstance(store, _FlatStore)
     d_weights0 = [tf.zeros_like(w) for w in weights]
-    dxs_ta = tf.TensorArray(xs.dtype, size=num_steps)
+    dxs_ta = (tf.TensorArray(xs.dtype, size=num_steps) if needs_input_grad
+              else tf.zeros([], xs.dtype))  # a placeholder loop variable
     num_carry, num_res, num_w = len(final_carry), len(residuals_last), len(weights)
     d_carry0 = [tf.zeros_like(c) if d is None else d for c, d in zip(final_carry, d_final_carry)]
 
@@ -707,12 +728,13 @@ def _backward_sweep(program, tables, store, xs, masks, weights, extras, invarian
         dx = result[1]
         if not flat_store:
             stored = result[0]
-        dxs_ta = dxs_ta.write(dx_row, dx)
+        if needs_input_grad:
+            dxs_ta = dxs_ta.write(dx_row, dx)
         return (i + 1, stored, dxs_ta) + tuple(result[2:])
 
     init = ((tf.constant(0), stored, dxs_ta) + tuple(final_carry) + tuple(residuals_last)
             + tuple(d_carry0) + tuple(d_weights0))
     result = tf.while_loop(lambda i, *_: i < num_ops, body, init, maximum_iterations=num_ops)
-    dxs = result[2].stack()
+    dxs = result[2].stack() if needs_input_grad else None
     _, _, d_carry, d_weights = unpack_vars(result[3:])
     return dxs, d_carry, d_weights
