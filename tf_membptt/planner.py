@@ -58,11 +58,50 @@ windows of 64, 512 and 2048 splits, and finally on every split, so the result is
 that of the full search (checked against it). Most cells take the first window: ``T = 1000``
 takes about a second or less at any budget.
 
-Above `_EXACT_WORK_LIMIT` cells (memory: about 34 bytes a cell), `plan` switches to the
-*approximate* method: the same windows, but cells whose certificate still fails after the
-widest window keep the best split found there instead of a full search. It is a valid
-schedule whose cost is an upper bound on the optimum (``method="approximate"``); where both
-can be computed it stays within a fraction of a percent of the exact cost (benchmarks).
+Which method `plan` uses
+------------------------
+``plan`` runs the exact DP when its work (the ``(n, b)`` cells searched, `_dp_work`) is at
+most `_EXACT_WORK_LIMIT` = 4e6 cells: a few seconds and at most ~300 MB of tables (T=1000
+at any budget, T=10,000 at budgets up to ~2%). Above it, the tables would grow as
+``T x B`` (T=100,000 at 5%: ~1e9 cells, tens of GB), so it switches to the approximate
+method below (``method="approximate"``). The exact method stays available: raising
+``tf_membptt.planner._EXACT_WORK_LIMIT`` makes `plan` use it wherever memory allows.
+
+Long sequences: the approximate method (`_chain_ops`)
+----------------------------------------------------
+The top level of any plan is a *chain*: the first sweep stores boundaries at
+``s_1 < ... < s_k`` and the backward pass processes the tail ``(s_k, T]`` and then the
+chunks between boundaries, last first, each with the budget left by the boundaries to its
+left (its own right boundary is freed by then). With internal-state boundaries (``I_s``:
+``a`` units, step ``s`` is never evaluated again) chunk ``j`` has ``b_j = B - (j-1) a``;
+with hidden boundaries (``q`` units, a freeable start: table D) ``b_j = B - (j-1) q``.
+The cost is ``T + sum_j X(len_j, b_j) + X(tail, b_tail) - tail``, ``X`` the segment cost.
+
+The method solves the chunks *exactly*: one exact DP (the one above) for segments of up to
+``nmax`` steps (`_chunk_rows`: the most rows within `_CHUNK_WORK_LIMIT` = 1.5e6 cells of
+work and `_CHUNK_CELL_LIMIT` cells of tables, but at least `_CHUNK_SLACK` times what the
+chain needs to cover ``T``), extended to longer segments that the budget runs *saturated*
+(every state stored: ``n`` evaluations, hsm ``2n - 1``) by the closed form (`_ChunkTables`).
+Then, for each boundary type the strategy allows and each ``k``, the best chunk lengths
+take the ``T - ...`` smallest cost increments over all chunk columns: exact when the
+columns are convex (HSM, ISM), and bracketed for MSM by running the search on an upper
+(prefix maxima) and a lower (suffix minima) convex envelope of its increments and keeping
+the better chain after costing both exactly (`_ChainSearch`; histograms of increments make
+every ``k`` cost ``O(V)``). The chain is emitted through the same `_Emitter` and work
+loop as the exact plan, so it is a valid LIFO schedule within the budget.
+
+Quality: at a budget of ``f`` of standard BPTT with ``T`` up to ``(B/a)^2 / 2`` the
+optimum is the lower bound ``2T - (B - q) // a - 1`` (every step whose internal state is
+not stored at its first evaluation is evaluated twice; at most ``(B - q) // a`` internal
+states, plus step T's, can be held when step T runs backward): ~(2 - f) T. The chain of
+saturated internal-state chunks meets it exactly, e.g. T=100,000 at 5% (195,000
+evaluations, ~7 s, ~250 MB peak RSS), and HSM's chain meets Revolve's closed form. Where
+the exact DP is computable (T in 1000..5000, budgets 1-20%, alpha 2 and 4, msm/hsm/ism,
+with the chunk tables forced to a tenth of the exact work) the approximate cost equals the
+exact one in every case tested (tests/test_planner_large.py, benchmarks/bench_planner.py).
+It is not proven optimal in general: for budgets so small relative to T that chunks
+themselves need deep recursion beyond ``nmax`` rows, only the chain's top level is
+restricted; such budgets give narrow tables, so ``nmax`` is raised to cover them.
 """
 
 from __future__ import annotations
@@ -78,9 +117,16 @@ from tf_membptt.schedule import STRATEGIES, Op, OpKind, Plan
 
 _INF = np.int64(1) << 52
 _MAX_UNITS_PER_SLOT = 8
-# Above this many (n, b) cells the exact DP is replaced by the approximate one (memory:
-# about 34 bytes a cell for msm).
-_EXACT_WORK_LIMIT = 2e7
+# Above this many (n, b) cells of DP work, `plan` uses the chained approximate method
+# instead of the exact DP (about 1.4 us and at most ~70 bytes of table a cell: ~5 s and
+# ~300 MB at the limit on one core).
+_EXACT_WORK_LIMIT = 4e6
+# The approximate method's exact chunk tables: at most this many cells of DP work ...
+_CHUNK_WORK_LIMIT = 1.5e6
+# ... and at most this many cells in their (rows x budgets) rectangle (~34 bytes a cell).
+_CHUNK_CELL_LIMIT = 8e6
+# ... with at least this many times the rows that the chain's chunks need to cover T.
+_CHUNK_SLACK = 8
 # Widths of the successive windows of split points tried around the last argmin.
 _WINDOWS = (4, 64, 512, 2048)
 # Run length of the verified invariant on increments used by the certificates.
@@ -184,8 +230,11 @@ def _cached_plan(num_steps: int, memory_slots: float, strategy: str, alpha: floa
     else:
         a, q = units = alpha_units(alpha)
         budget = int(math.floor(memory_slots * q + 1e-9))
-        tables, method = _solve(num_steps, budget, a, q, strategy)
-        ops = _emit(tables, num_steps, budget, a, q)
+        if _dp_work(num_steps, budget, a, q, strategy)[0] <= _EXACT_WORK_LIMIT:
+            tables, method = _solve(num_steps, budget, a, q, strategy)
+            ops = _emit(tables, num_steps, budget, a, q)
+        else:
+            ops, method = _chain_ops(num_steps, budget, a, q, strategy), "approximate"
     forward_evals, peak_units = _count(ops, *units)
     return Plan(num_steps=num_steps, memory_slots=memory_slots, strategy=strategy,
                 alpha=alpha, forward_evals=forward_evals, peak_memory=peak_units / units[1],
@@ -228,18 +277,23 @@ def _saturation(n: int, a: int, q: int, strategy: str) -> int:
     return q + a * (n - 1)  # every internal state stored: n evaluations
 
 
-def _solve(T: int, B: int, a: int, q: int, strategy: str):
-    """Fill the Q and D tables for segments of up to ``T`` steps and budgets up to ``B``.
-
-    Returns ``(tables, method)``. See the module docstring ("Solving the recurrences").
-    """
+def _dp_work(T: int, B: int, a: int, q: int, strategy: str) -> Tuple[float, int]:
+    """``(work, width)`` of the exact DP for ``T`` steps: the number of ``(n, b)`` cells it
+    searches, and the number of budget columns of its tables."""
     width = min(B, _saturation(T, a, q, strategy)) + 1
-    # Work (and memory) of the DP: the number of (n, b) cells searched.
-    ns = np.arange(1, T + 1, dtype=np.float64)
-    work = float(np.sum(np.minimum(width, q + a * ns)))
-    exact = work <= _EXACT_WORK_LIMIT
-    return _Solver(T, a, q, strategy, width, certify=exact).run(), (
-        "exact" if exact else "approximate")
+    # Rows n below width / a are cut at saturation (a closed form; no float rounding).
+    n_cut = min(T, max(0, (width - q) // a))  # rows with q + a * n < width
+    work = q * n_cut + a * n_cut * (n_cut + 1) // 2 + (T - n_cut) * width
+    return float(work), width
+
+
+def _solve(T: int, B: int, a: int, q: int, strategy: str):
+    """Fill the exact Q and D tables for segments of up to ``T`` steps and budgets up to
+    ``B``. Returns ``(tables, "exact")``. See the module docstring ("Solving the
+    recurrences"); `_cached_plan` only calls it below `_EXACT_WORK_LIMIT`.
+    """
+    width = _dp_work(T, B, a, q, strategy)[1]
+    return _Solver(T, a, q, strategy, width, certify=True).run(), "exact"
 
 
 class _Solver:
@@ -459,50 +513,59 @@ class _Emitter:
     """Turns DP choices into ops, tracking the cursor and the stack of stored states.
 
     Invariant: while a segment is processed its start is the top of the stack, so every
-    allocation is LIFO and a slot's position is its stack index.
+    allocation is LIFO and a slot's position is its stack index. The number of hidden
+    states on the stack is kept as a running count (plans of 10^5 steps hold thousands of
+    states: recounting the stack at every op would be quadratic).
     """
 
     def __init__(self):
         self.ops: List[Op] = []
         self.stack: List[Tuple[str, int]] = [("h", 0)]  # (kind, step); h_0 is never freed
+        self.hidden = 1  # hidden states on the stack
         self.cursor = 0
 
     def _below(self):
-        hidden = sum(1 for kind, _ in self.stack if kind == "h")
-        return hidden, len(self.stack) - hidden
+        return self.hidden, len(self.stack) - self.hidden
+
+    def _below_top(self):
+        """Hidden and internal states strictly below the top of the stack."""
+        hidden = self.hidden - (self.stack[-1][0] == "h")
+        return hidden, len(self.stack) - 1 - hidden
 
     def restore_to(self, start: int):
         if self.cursor == start:
             return
         kind, step = self.stack[-1]
         assert step == start, "segment start must be the top of the stack"
-        hidden = sum(1 for k, _ in self.stack[:-1] if k == "h")
-        self.ops.append(Op(OpKind.RESTORE, start, len(self.stack) - 1, hidden,
-                           len(self.stack) - 1 - hidden))
+        hidden, internal = self._below_top()
+        self.ops.append(Op(OpKind.RESTORE, start, len(self.stack) - 1, hidden, internal))
         self.cursor = start
 
     def advance(self, count: int):
-        for _ in range(count):
-            self.cursor += 1
-            self.ops.append(Op(OpKind.ADVANCE, self.cursor))
+        ops, cursor = self.ops, self.cursor
+        for step in range(cursor + 1, cursor + count + 1):
+            ops.append(Op(OpKind.ADVANCE, step))
+        self.cursor = cursor + count
 
     def store(self, kind: str):
         hidden, internal = self._below()
         code = OpKind.STORE_HIDDEN if kind == "h" else OpKind.STORE_INTERNAL
         self.ops.append(Op(code, self.cursor, len(self.stack), hidden, internal))
         self.stack.append((kind, self.cursor))
+        self.hidden += kind == "h"
 
     def free_top(self):
         kind, step = self.stack.pop()
+        self.hidden -= kind == "h"
         hidden, internal = self._below()
         self.ops.append(Op(OpKind.FREE, step, len(self.stack), hidden, internal))
 
     def backward_stored(self, step: int):
         kind, top_step = self.stack[-1]
         assert kind == "i" and top_step == step
-        hidden = sum(1 for k, _ in self.stack[:-1] if k == "h")
+        hidden, internal = self._below_top()
         self.ops.append(Op(OpKind.BACKWARD_STORED, step, len(self.stack) - 1, hidden,
-                           len(self.stack) - 1 - hidden))
+                           internal))
 
     def backward_cursor(self):
         self.ops.append(Op(OpKind.BACKWARD_CURSOR, self.cursor))
@@ -510,11 +573,18 @@ class _Emitter:
 
 def _emit(tables: _Tables, T: int, B: int, a: int, q: int) -> List[Op]:
     emitter = _Emitter()
-    # Work items, processed last-in first-out:
-    #   ("seg", kind, start, n, b)   a segment, start at the top of the stack
-    #   ("free_h", step)             free h_step unless a FREE_START already did
-    #   ("bwd_free", step)           backward of step from its stored I, then free it
-    work = [("seg", "Q", 0, T, B)]
+    _run_work(emitter, tables, [("seg", "Q", 0, T, B)], a, q)
+    return emitter.ops
+
+
+def _run_work(emitter: _Emitter, tables, work: list, a: int, q: int) -> None:
+    """Emit the ops of a list of work items (a stack: the last item is processed first),
+    following the choices of ``tables.lookup(kind, n, b)``. Work items:
+
+    * ``("seg", kind, start, n, b)``: a segment, its start at the top of the stack;
+    * ``("free_h", step)``: free ``h_step`` unless a FREE_START already did;
+    * ``("bwd_free", step)``: backward of ``step`` from its stored ``I``, then free it.
+    """
     while work:
         item = work.pop()
         if item[0] == "free_h":
@@ -557,6 +627,241 @@ def _emit(tables: _Tables, T: int, B: int, a: int, q: int) -> List[Op]:
             work.append(("seg", "Q", start + 1, n - 1, b - a + q))
         else:  # pragma: no cover - the tables hold only the codes above
             raise AssertionError(f"unknown choice {choice}")
+
+
+# --------------------------------------------------------------------------------------
+# The approximate method for long sequences: a chain of chunks solved by exact tables
+# --------------------------------------------------------------------------------------
+def _saturated_length(kind: str, b: int, a: int, q: int, strategy: str) -> int:
+    """Longest segment that budget ``b`` (units, start included) runs at its lowest cost:
+    ``n`` evaluations (msm, ism: every internal state stored) or ``2n - 1`` (hsm: every
+    hidden state). -1 when ``b`` cannot even hold the start."""
+    if b < q:
+        return -1
+    if strategy == "hsm":
+        return b // q + 1  # h_0 .. h_{n-2} stored: b >= q (n - 1)
+    if kind == "D" and strategy == "msm":
+        return b // a + 1  # free the start, store I_1 .. I_{n-1}: b >= a (n - 1)
+    return (b - q) // a + 1  # start kept, I_1 .. I_{n-1} stored: b >= q + a (n - 1)
+
+
+class _ChunkTables:
+    """Exact tables for segments of up to ``nmax`` steps, extended to longer *saturated*
+    segments (budget enough to run them at their lowest cost) by the closed form."""
+
+    def __init__(self, tables: _Tables, nmax: int, a: int, q: int, strategy: str):
+        self.tables, self.nmax, self.a, self.q = tables, nmax, a, q
+        self.strategy = strategy
+        self.low = 2 if strategy == "hsm" else 1  # cost of a saturated step
+
+    def cost(self, kind: str, n: int, b: int) -> int:
+        if n <= self.nmax:
+            return int(self.tables.cost[kind][n, min(b, self.tables.width - 1)])
+        if n > _saturated_length(kind, b, self.a, self.q, self.strategy):
+            return int(_INF)
+        return self.low * n - (self.low - 1)
+
+    def lookup(self, kind: str, n: int, b: int) -> Tuple[int, int]:
+        if n <= self.nmax:
+            return self.tables.lookup(kind, n, b)
+        assert n <= _saturated_length(kind, b, self.a, self.q, self.strategy)
+        # A saturated segment: its first step is stored (hsm: h_1 after a triangle of one
+        # step; msm D: the start is freed and I_1 stored; else I_1), the rest is saturated.
+        if self.strategy == "hsm":
+            return _STORE_HIDDEN, 1
+        if kind == "D" and self.strategy == "msm":
+            return _FREE_START, 1
+        return _STORE_INTERNAL, 1
+
+
+def _chunk_rows(T: int, B: int, a: int, q: int, strategy: str) -> int:
+    """Rows of the exact chunk tables: the most ``n <= T`` within `_CHUNK_WORK_LIMIT`
+    (work) and `_CHUNK_CELL_LIMIT` (rectangle cells), but at least `_CHUNK_SLACK` times
+    what the longest chain's chunks need to cover ``T`` (then the cells are about
+    ``_CHUNK_SLACK * q * T``: small budgets make narrow tables)."""
+    def fits(n, limit):
+        work, width = _dp_work(n, B, a, q, strategy)
+        return work <= limit and (n + 1) * width <= _CHUNK_CELL_LIMIT
+    lo, hi = 1, T
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid, _CHUNK_WORK_LIMIT):
+            lo = mid
+        else:
+            hi = mid - 1
+    size = q if strategy in ("msm", "hsm") else a  # the smallest boundary
+    chunks = max(1, (B - q) // size + 1)
+    floor = min(T, -(-_CHUNK_SLACK * T // chunks))
+    if lo < floor and fits(floor, math.inf):
+        lo = floor
+    return lo
+
+
+class _ChainSearch:
+    """Best chain of one boundary type (see the module docstring, "Long sequences").
+
+    A chain with ``k`` boundaries splits the sequence into chunks ``1..k`` (left to right)
+    and a tail. Chunk ``j`` is processed with budget ``b_j = B - (j - 1) c`` (``c``: the
+    boundary's size), the tail with ``B - k c``. The cost is ``base + sum`` of increments:
+    each chunk (and the tail) contributes the increments of its cost in its length, and
+    for a fixed ``k`` the best lengths take the ``N`` smallest increments overall (exact
+    for convex columns; MSM's columns dither, so each is replaced by a nondecreasing
+    envelope of its increments, ``envelope="upper"`` (prefix maxima) or ``"lower"``
+    (suffix minima), and the chosen lengths are re-costed exactly afterwards).
+    Increments are counted in histograms, so trying every ``k`` costs ``O(V)`` each.
+    """
+
+    def __init__(self, chunks: _ChunkTables, T: int, B: int, a: int, q: int, strategy: str,
+                 boundary: str, envelope: str):
+        self.chunks, self.T, self.B, self.a, self.q = chunks, T, B, a, q
+        self.strategy, self.boundary = strategy, boundary
+        self.size = a if boundary == "i" else q
+        # Chunk kinds: a chunk starts at h_0 (Q), at an internal state (Q) or at a stored
+        # hidden state (D); the tail likewise.
+        self.next_kind = "Q" if boundary == "i" else "D"
+        # Least chunk / tail length: a hidden boundary needs >= 1 step on each side.
+        self.lmin = 0 if boundary == "i" else 1
+        tables = chunks.tables
+        self.width = tables.width
+        self.hist = {}
+        self.vmax = 0
+        for kind in {"Q", self.next_kind}:
+            cost = tables.cost[kind].astype(np.int64)
+            inc = np.diff(cost[self.lmin:], axis=0)  # rows lmin+1..nmax
+            if envelope == "upper":  # prefix maxima: a convex upper bound of the column
+                inc = np.maximum.accumulate(inc, axis=0)
+            else:  # suffix minima: a convex lower bound
+                inc = np.minimum.accumulate(inc[::-1], axis=0)[::-1]
+            self.hist[kind] = np.ascontiguousarray(inc)  # per budget column, nondecreasing
+            if inc.size and self.width > q:  # columns below q (no start) are never used
+                self.vmax = max(self.vmax, int(inc[:, q:].max()))
+        self.V = max(self.vmax, 2) + 2
+
+    def _column(self, kind: str, b: int, shift: int):
+        """Sorted increments (as a histogram over 0..V-1 and as the sorted table part) of
+        the column ``(kind, b)``, lowered by ``shift``, with the saturated run beyond
+        the table: ``(histogram, table_part, run_value, run_count)``."""
+        chunks = self.chunks
+        col = min(b, self.width - 1)
+        part = self.hist[kind][:, col] - shift
+        run = max(0, _saturated_length(kind, b, self.a, self.q, self.strategy)
+                  - chunks.nmax)
+        value = chunks.low - shift
+        hist = np.bincount(part, minlength=self.V)[:self.V].astype(np.int64)
+        hist[value] += run
+        return hist, part, value, run
+
+    def _chunk_spec(self, j: int):
+        b = self.B - (j - 1) * self.size
+        return ("Q" if j == 1 else self.next_kind), b
+
+    def _tail_spec(self, k: int):
+        return ("Q" if k == 0 else self.next_kind), self.B - k * self.size
+
+    def _free(self, k: int) -> int:
+        """Increments to take: steps beyond the chunks' and tail's least lengths."""
+        return self.T - k * (1 if self.boundary == "i" else 0) - (k + 1) * self.lmin
+
+    def _base(self, k: int) -> int:
+        # Sweep T, plus each chunk's and the tail's cost at its least length (hidden: a
+        # one-step chunk costs 1 more evaluation; a one-step tail is its own sweep).
+        return self.T + (k if self.boundary == "h" else 0)
+
+    def best(self):
+        """``(model_cost, k, lengths, tail)`` of the best chain, or None."""
+        k_max = (self.B - self.q) // self.size
+        k_max = min(k_max, self.T if self.boundary == "i" else self.T - 1)
+        if self.boundary == "h" and self.B < 2 * self.q:
+            k_max = 0
+        values = np.arange(self.V, dtype=np.int64)
+        chunk_hist = np.zeros(self.V, np.int64)
+        best = None
+        for k in range(0, k_max + 1):
+            if k:
+                chunk_hist += self._column(*self._chunk_spec(k), 0)[0]
+            N = self._free(k)
+            if N < 0:
+                break
+            hist = chunk_hist + self._column(*self._tail_spec(k), 1)[0]
+            cum = np.cumsum(hist)
+            if cum[-1] < N:
+                continue
+            lam = int(np.searchsorted(cum, N))
+            below = int(cum[lam - 1]) if lam else 0
+            weighted = int(np.dot(values[:lam], hist[:lam])) if lam else 0
+            cost = self._base(k) + weighted + lam * (N - below)
+            if best is None or cost < best[0]:
+                best = (cost, k, lam)
+        if best is None:
+            return None
+        return self._allocate(*best)
+
+    def _allocate(self, model_cost: int, k: int, lam: int):
+        specs = [self._chunk_spec(j) + (0,) for j in range(1, k + 1)]
+        specs.append(self._tail_spec(k) + (1,))
+        less, equal = [], []
+        for kind, b, shift in specs:
+            _, part, value, run = self._column(kind, b, shift)
+            lo = int(np.searchsorted(part, lam, "left"))
+            hi = int(np.searchsorted(part, lam, "right"))
+            r_less = run if value < lam else 0
+            r_equal = run if value == lam else 0
+            less.append(lo + r_less)
+            equal.append(hi - lo + r_equal)
+        remaining = self._free(k) - sum(less)
+        lengths = []
+        for count, extra in zip(less, equal):
+            take = min(extra, remaining)
+            remaining -= take
+            lengths.append(self.lmin + count + take)
+        assert remaining == 0
+        return k, lengths[:-1], lengths[-1], specs
+
+    def cost(self, k, lengths, tail, specs) -> int:
+        """Exact cost of a chain (what its emitted plan evaluates)."""
+        chunks = self.chunks
+        total = self.T
+        for (kind, b, _), length in zip(specs, lengths):
+            total += chunks.cost(kind, length, b)
+        kind, b, _ = specs[-1]
+        return total + chunks.cost(kind, tail, b) - tail
+
+
+def _chain_ops(T: int, B: int, a: int, q: int, strategy: str) -> List[Op]:
+    """The approximate plan for long sequences (module docstring, "Long sequences")."""
+    nmax = _chunk_rows(T, B, a, q, strategy)
+    width = _dp_work(nmax, B, a, q, strategy)[1]
+    chunks = _ChunkTables(_Solver(nmax, a, q, strategy, width, certify=True).run(), nmax,
+                          a, q, strategy)
+    boundaries = {"msm": ("i", "h"), "ism": ("i",), "hsm": ("h",)}[strategy]
+    best = None
+    for boundary in boundaries:
+        for envelope in ("upper", "lower"):
+            search = _ChainSearch(chunks, T, B, a, q, strategy, boundary, envelope)
+            found = search.best()
+            if found is None:
+                continue
+            cost = search.cost(*found)
+            if best is None or cost < best[0]:
+                best = (cost, boundary, found)
+    assert best is not None, "a chain always exists (all chunks of one step)"
+    _, boundary, (k, lengths, tail, specs) = best
+    emitter = _Emitter()
+    work = []
+    start = 0
+    for (kind, b, _), length in zip(specs, lengths):
+        # First sweep: the chunk, then its right boundary (for an internal boundary, the
+        # step after the chunk, whose internal state is stored).
+        step = length + (1 if boundary == "i" else 0)
+        emitter.advance(step)
+        emitter.store(boundary)
+        work.append(("seg", kind, start, length, b))
+        start += step
+        work.append(("bwd_free", start) if boundary == "i" else ("free_h", start))
+    kind, b, _ = specs[-1]
+    assert start + tail == T
+    work.append(("seg", kind, start, tail, b))
+    _run_work(emitter, chunks, work, a, q)
     return emitter.ops
 
 
