@@ -371,6 +371,7 @@ class _Tables:
     backward_ops: np.ndarray  # rows: kind, step, slot, offset, dx_row (FREE rows kept)
     capacity: int  # elements per batch row of the flat buffer: the plan's peak
     num_slots: int  # stack depth of the slot list: the most states held at once
+    stores_internal: bool
 
 
 def plan_tables(plan: Plan, hidden_size: int, internal_size: int) -> _Tables:
@@ -409,22 +410,31 @@ def plan_tables(plan: Plan, hidden_size: int, internal_size: int) -> _Tables:
         dx_rows.append(next_row)
     table = np.asarray([row + (dx_row,) for row, dx_row in zip(rows, reversed(dx_rows))],
                        np.int32).reshape(-1, 5)
-    return _Tables(forward_store, table, capacity, num_slots)
+    stores_internal = bool(np.any(table[:, 0] == OpKind.STORE_INTERNAL)) or bool(
+        np.any(forward_store[:, 0] == 2))
+    return _Tables(forward_store, table, capacity, num_slots, stores_internal)
 
 
 class _FlatStore:
-    """All stored states in one ``[batch, capacity]`` buffer, at stack offsets.
+    """All stored states in one ``[batch, capacity + scratch]`` buffer, at stack offsets.
 
-    Used under XLA, which updates a loop-carried buffer in place with a dynamic-update-slice.
-    (TensorFlow's own executor would copy it on every update, so it uses `_SlotStore`.)
+    Used under XLA, which updates a loop-carried buffer in place with a dynamic-update-slice
+    -- but only when, within a loop iteration, the buffer passes through no conditional and
+    nothing reads the old buffer after the update is issued (otherwise XLA copies the whole
+    buffer every iteration; measured). So every iteration writes unconditionally -- a real
+    store to its slot, any other op to a scratch area past the stack -- and reads only after
+    writing. The scratch area holds one state of the largest kind the plan stores; the layer
+    plans with that much less memory under XLA (`scratch_slots`). TensorFlow's own executor
+    copies such a buffer on every update, so outside XLA `_SlotStore` is used.
     """
 
-    def __init__(self, tables, batch, static_batch, dtype):
+    def __init__(self, tables, batch, static_batch, dtype, hidden_size, internal_size):
         self.capacity, self.batch, self.dtype = tables.capacity, batch, dtype
         self.static_batch = static_batch
+        self.scratch_size = internal_size if tables.stores_internal else hidden_size
 
     def empty(self):
-        return tf.zeros(tf.stack([self.batch, self.capacity]), self.dtype)
+        return tf.zeros(tf.stack([self.batch, self.capacity + self.scratch_size]), self.dtype)
 
     def write(self, store, slot, offset, flat):
         from tensorflow.compiler.tf2xla.python import xla
@@ -439,18 +449,41 @@ class _FlatStore:
     def free(self, store, slot):
         return store  # the stack's next push overwrites it
 
-    def write_if(self, store, kind, wanted_kind, offset, flat):
-        """Writes `flat` at `offset` when ``kind == wanted_kind``, else rewrites what is at
-        offset 0. Unconditional, so the buffer never passes through a conditional: XLA
-        then updates it in place (through a conditional it copies the whole buffer)."""
-        hit = tf.equal(kind, wanted_kind)
-        offset = tf.where(hit, offset, 0)
-        old = self.read(store, None, offset, flat.shape[1])
-        return self.write(store, None, offset, tf.where(hit, flat, old))
+    def store_step(self, store, kind, offset, hidden_kind, internal_kind, pack_hidden,
+                   pack_internal):
+        """One unconditional write per iteration: the hidden or internal state when `kind`
+        is a store of that kind, else whatever to the scratch area. A hidden state is padded
+        to the internal size when the plan stores both (the padding lands on free memory
+        above the stack top, or in the scratch area), so one write serves both kinds: two
+        writes per iteration made XLA copy the buffer again (measured)."""
+        size = self.scratch_size
+        values, hits = [], []
+        if hidden_kind is not None:
+            flat = pack_hidden()
+            if flat.shape[1] < size:
+                flat = tf.pad(flat, [[0, 0], [0, size - flat.shape[1]]])
+            values.append(flat)
+            hits.append(tf.equal(kind, hidden_kind))
+        if internal_kind is not None:
+            values.append(pack_internal())
+            hits.append(tf.equal(kind, internal_kind))
+        if not values:
+            return store
+        value = values[0] if len(values) == 1 else tf.where(hits[0], values[0], values[1])
+        hit = hits[0] if len(hits) == 1 else tf.logical_or(hits[0], hits[1])
+        return self.write(store, None, tf.where(hit, offset, self.capacity), value)
 
-    def read_if(self, store, kind, wanted_kind, offset, size):
-        """Reads at `offset` when ``kind == wanted_kind``, else at offset 0 (unused)."""
-        return self.read(store, None, tf.where(tf.equal(kind, wanted_kind), offset, 0), size)
+    def load_step(self, store, kind, offset, kinds):
+        """One read per iteration, after the write: `scratch_size` elements at `offset` when
+        `kind` is one of `kinds`, else at offset 0 (unused)."""
+        hit = tf.reduce_any(tf.equal(kind, tf.constant(kinds, tf.int32)))
+        return self.read(store, None, tf.where(hit, offset, 0), self.scratch_size)
+
+
+def scratch_slots(alpha: float, strategy: str) -> float:
+    """Memory (hidden-state units) of `_FlatStore`'s scratch area, which the layer keeps out
+    of the plan's budget under XLA: an internal state, or a hidden state for ``hsm``."""
+    return 1.0 if strategy == "hsm" else float(alpha)
 
 
 class _SlotStore:
@@ -478,7 +511,8 @@ class _SlotStore:
         return store.write(slot, tf.zeros(tf.stack([self.batch, 0]), self.dtype))
 
 
-def _in_xla_context() -> bool:
+def in_xla_context() -> bool:
+    """Whether ops are being built for XLA (inside `tf.function(jit_compile=True)`)."""
     from tensorflow.python.ops import control_flow_util
 
     return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
@@ -494,8 +528,12 @@ def run_planned(program: StepProgram, plan: Plan, xs, masks, carry, weights, ext
     tables = plan_tables(plan, program.hidden_size, program.internal_size)
     num_carry = len(carry)
     batch = tf.shape(xs)[1]
-    store_kind = _FlatStore if _in_xla_context() else _SlotStore
-    store = store_kind(tables, batch, xs.shape[1], program.dtype)
+    store_kind = _FlatStore if in_xla_context() else _SlotStore
+    if store_kind is _FlatStore:
+        store = _FlatStore(tables, batch, xs.shape[1], program.dtype, program.hidden_size,
+                           program.internal_size)
+    else:
+        store = _SlotStore(tables, batch, xs.shape[1], program.dtype)
 
     # When no tape watches the inputs (e.g. the layer reads a model input in model.fit),
     # their gradient is never used: the sequence is then captured rather than passed in,
@@ -576,10 +614,10 @@ def _forward_sweep(program, tables, store, xs, masks, carry0, weights, extras, b
                                                            weights, extras)
         kind, slot, offset = store_table[t][0], store_table[t][1], store_table[t][2]
         if isinstance(store, _FlatStore):
-            stored = store.write_if(stored, kind, 1, offset, program.pack_hidden(new_carry)) \
-                if used[1] else stored
-            stored = store.write_if(stored, kind, 2, offset, program.pack_internal(
-                new_carry, new_residuals)) if used[2] else stored
+            stored = store.store_step(
+                stored, kind, offset, 1 if used[1] else None, 2 if used[2] else None,
+                lambda: program.pack_hidden(new_carry),
+                lambda: program.pack_internal(new_carry, new_residuals))
         elif used[1] or used[2]:
             # Only the store kinds this plan uses are built (see _backward_sweep).
             def no_store():
@@ -676,19 +714,23 @@ def _backward_sweep(program, tables, store, xs, masks, weights, extras, invarian
                         cursor, working, d_carry, d_weights)
 
         if flat_store:
-            # Under XLA the buffer stays out of the switch below (see _FlatStore.write_if):
+            # Under XLA the buffer stays out of the switch below (see _FlatStore):
             # reads happen before it, writes after it.
-            if OpKind.RESTORE in used_kinds:
-                restored = store.read_if(stored, kind, OpKind.RESTORE, offset, hidden_size)
-            if OpKind.BACKWARD_STORED in used_kinds:
-                internal = store.read_if(stored, kind, OpKind.BACKWARD_STORED, offset,
-                                         internal_size)
-            if OpKind.STORE_HIDDEN in used_kinds:
-                stored = store.write_if(stored, kind, OpKind.STORE_HIDDEN, offset,
-                                        program.pack_hidden(cursor))
-            if OpKind.STORE_INTERNAL in used_kinds:
-                stored = store.write_if(stored, kind, OpKind.STORE_INTERNAL, offset,
-                                        program.pack_internal(cursor, working))
+            stored = store.store_step(
+                stored, kind, offset,
+                int(OpKind.STORE_HIDDEN) if OpKind.STORE_HIDDEN in used_kinds else None,
+                int(OpKind.STORE_INTERNAL) if OpKind.STORE_INTERNAL in used_kinds else None,
+                lambda: program.pack_hidden(cursor),
+                lambda: program.pack_internal(cursor, working))
+            # The read comes after the write (an op is one kind, so it never reads what
+            # this iteration wrote): reading first would make XLA copy the buffer.
+            read_kinds = [int(k) for k in (OpKind.RESTORE, OpKind.BACKWARD_STORED)
+                          if k in used_kinds]
+            loaded = (store.load_step(stored, kind, offset, read_kinds) if read_kinds
+                      else None)
+            restored = loaded[:, :hidden_size] if loaded is not None else None
+            internal = (loaded[:, :internal_size]
+                        if OpKind.BACKWARD_STORED in used_kinds else None)
         else:
             restored = internal = None
 

@@ -277,7 +277,13 @@ class MemoryEfficientRNN(keras.layers.RNN):
                 slots = minimum_memory_slots(num_steps, self.strategy, charged)
             else:
                 slots = max(slots, 1.0 + charged * num_steps)
-        minimum = minimum_memory_slots(num_steps, self.strategy, alpha)
+        # Under XLA the executor's buffer has a scratch area of one state (see
+        # executor._FlatStore): it comes out of the budget, so the plan gets the rest.
+        reserved = (executor.scratch_slots(alpha, self.strategy)
+                    if executor.in_xla_context() else 0.0)
+        if self._budget.kind == "unlimited":
+            slots += reserved
+        minimum = minimum_memory_slots(num_steps, self.strategy, alpha) + reserved
         if slots < minimum - 1e-9:
             if self._budget.kind == "bytes":
                 least = f"{int(np.ceil(minimum * hidden_bytes))} bytes " \
@@ -289,9 +295,12 @@ class MemoryEfficientRNN(keras.layers.RNN):
             raise ValueError(
                 f"Argument `memory_budget` is below the least feasible budget for this layer "
                 f"(strategy={self.strategy!r}, {num_steps} steps, alpha={alpha:.4g}): it gives "
-                f"{slots:.4g} hidden-state slots, and the minimum is {minimum:g} slots, i.e. "
-                f"memory_budget={least}. Received: memory_budget={self.memory_budget!r}")
-        the_plan = make_plan(num_steps, slots, strategy=self.strategy, alpha=alpha)
+                f"{slots:.4g} hidden-state slots, and the minimum is {minimum:g} slots"
+                + (f" (including {reserved:g} for the XLA executor's scratch state)"
+                   if reserved else "")
+                + f", i.e. memory_budget={least}. Received: "
+                f"memory_budget={self.memory_budget!r}")
+        the_plan = make_plan(num_steps, slots - reserved, strategy=self.strategy, alpha=alpha)
         self.last_plan = the_plan
         return the_plan
 
