@@ -125,8 +125,10 @@ _EXACT_WORK_LIMIT = 4e6
 _CHUNK_WORK_LIMIT = 1.5e6
 # ... and at most this many cells in their (rows x budgets) rectangle (~34 bytes a cell).
 _CHUNK_CELL_LIMIT = 8e6
-# ... with at least this many times the rows that the chain's chunks need to cover T.
+# ... with at least this many times the rows that the chain's chunks need to cover T
+# (where that takes more cells, less slack, and at most the hard limit: ~850 MB).
 _CHUNK_SLACK = 8
+_CHUNK_CELL_HARD_LIMIT = 2.5e7
 # Widths of the successive windows of split points tried around the last argmin.
 _WINDOWS = (4, 64, 512, 2048)
 # Run length of the verified invariant on increments used by the certificates.
@@ -679,21 +681,27 @@ def _chunk_rows(T: int, B: int, a: int, q: int, strategy: str) -> int:
     (work) and `_CHUNK_CELL_LIMIT` (rectangle cells), but at least `_CHUNK_SLACK` times
     what the longest chain's chunks need to cover ``T`` (then the cells are about
     ``_CHUNK_SLACK * q * T``: small budgets make narrow tables)."""
-    def fits(n, limit):
+    def fits(n, limit, cells):
         work, width = _dp_work(n, B, a, q, strategy)
-        return work <= limit and (n + 1) * width <= _CHUNK_CELL_LIMIT
+        return work <= limit and (n + 1) * width <= cells
     lo, hi = 1, T
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if fits(mid, _CHUNK_WORK_LIMIT):
+        if fits(mid, _CHUNK_WORK_LIMIT, _CHUNK_CELL_LIMIT):
             lo = mid
         else:
             hi = mid - 1
     size = q if strategy in ("msm", "hsm") else a  # the smallest boundary
     chunks = max(1, (B - q) // size + 1)
-    floor = min(T, -(-_CHUNK_SLACK * T // chunks))
-    if lo < floor and fits(floor, math.inf):
-        lo = floor
+    # Less slack, then more cells (up to ~850 MB of tables), before giving up on it.
+    for slack, cells in ((_CHUNK_SLACK, _CHUNK_CELL_LIMIT), (2, _CHUNK_CELL_LIMIT),
+                         (1, _CHUNK_CELL_LIMIT), (1, _CHUNK_CELL_HARD_LIMIT)):
+        floor = min(T, -(-slack * T // chunks))
+        if lo >= floor:
+            break
+        if fits(floor, math.inf, cells):
+            lo = floor
+            break
     return lo
 
 
@@ -844,7 +852,11 @@ def _chain_ops(T: int, B: int, a: int, q: int, strategy: str) -> List[Op]:
             cost = search.cost(*found)
             if best is None or cost < best[0]:
                 best = (cost, boundary, found)
-    assert best is not None, "a chain always exists (all chunks of one step)"
+    if best is None:
+        raise ValueError(
+            f"Cannot plan num_steps={T} within memory_slots={B / q:g}: the approximate "
+            f"planner's tables would exceed its memory limit at so small a budget. Use a "
+            f"larger budget or a shorter sequence.")
     _, boundary, (k, lengths, tail, specs) = best
     emitter = _Emitter()
     work = []
