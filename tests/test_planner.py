@@ -369,10 +369,6 @@ def test_approximate_dp_gives_valid_upper_bound(monkeypatch):
     simulate(approximate)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "planner bug: for alpha not a multiple of 1/q (q <= 8), 'full' charges an internal "
-    "state the rounded-up a/q (1.3 -> 11/8) but its minimum budget uses the real alpha "
-    "(1 + 1.3*t), so peak_memory exceeds memory_slots"))
 def test_full_plan_fits_its_minimum_budget_for_unrepresentable_alpha():
     result = plan(3, minimum_memory_slots(3, "full", 1.3), strategy="full", alpha=1.3)
     assert result.peak_memory <= result.memory_slots

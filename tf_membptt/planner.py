@@ -174,7 +174,9 @@ def minimum_memory_slots(num_steps: int, strategy: str = "msm", alpha: float = 2
     if strategy in ("msm", "hsm", "ism"):
         return 1.0  # h_0 alone: recompute every step from h_0
     if strategy == "full":
-        return 1.0 + alpha * num_steps
+        # Internal states are charged alpha rounded up to a multiple of 1/q (alpha_units).
+        a, q = alpha_units(alpha)
+        return 1.0 + a / q * num_steps
     if strategy == "chen":
         return _chen_peak(num_steps, alpha)
     raise ValueError(
