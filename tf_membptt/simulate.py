@@ -66,11 +66,29 @@ def _fail(index: int, op: Op, message: str) -> ScheduleError:
     return ScheduleError(f"op #{index} {op!r}: {message}")
 
 
-def _check_stack_position(index: int, op: Op, stack: List[Tuple[str, int]]) -> None:
+class _Stack(list):
+    """The stack of stored states, with a running count of the hidden states below each
+    position, so that checking an op's `hidden_below` is O(1) (plans of 10^5 steps)."""
+
+    def __init__(self, items):
+        super().__init__()
+        self.hidden_prefix = [0]
+        for item in items:
+            self.append(item)
+
+    def append(self, item):
+        super().append(item)
+        self.hidden_prefix.append(self.hidden_prefix[-1] + (item[0] == _HIDDEN))
+
+    def pop(self):
+        self.hidden_prefix.pop()
+        return super().pop()
+
+
+def _check_stack_position(index: int, op: Op, stack: "_Stack") -> None:
     """`op.hidden_below` / `op.internal_below` must count what lies below `op.slot`."""
-    below = stack[:op.slot]
-    hidden = sum(1 for kind, _ in below if kind == _HIDDEN)
-    internal = len(below) - hidden
+    hidden = stack.hidden_prefix[op.slot]
+    internal = op.slot - hidden
     if (op.hidden_below, op.internal_below) != (hidden, internal):
         raise _fail(index, op,
                     f"slot {op.slot} has {hidden} hidden and {internal} internal states "
@@ -113,7 +131,7 @@ def simulate(plan: Plan) -> SimulationResult:
     # Memory in integer units (a hidden state = q units) so fractional alpha is exact.
     budget_units = plan.memory_slots * units_hidden + _MEMORY_TOLERANCE
 
-    stack: List[Tuple[str, int]] = [(_HIDDEN, 0)]  # h_0, always held
+    stack = _Stack([(_HIDDEN, 0)])  # h_0, always held
     cursor: Optional[int] = 0  # step whose hidden state the cursor holds
     # Step whose internal state is in the working set: the step just evaluated, as long as
     # the cursor has not moved since (a RESTORE or another ADVANCE replaces it).
