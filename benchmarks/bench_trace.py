@@ -1,0 +1,193 @@
+"""Trace + compile time of one MemoryEfficientRNN training step, against sequence length.
+
+For T = 100, 1000, 10000 and eager / graph (tf.function) / XLA (tf.function with
+jit_compile=True): LSTMCell(64), batch 8, 16 features, memory_budget=0.05, a training step
+computing the loss and the gradients of every weight. Reported separately:
+
+* ``first_call_s``: wall time of the first call, which traces the step (graph/XLA),
+  plans, compiles (XLA) and runs it once;
+* ``step_s``: steady-state time of one step (median of the following calls);
+* ``overhead_s = first_call_s - step_s``: tracing + planning + compilation;
+* ``plan_s``: the planner alone for this T and budget (cold cache), for reference.
+
+The executor runs the plan's op table in `tf.while_loop`s, so the graph, and the trace
+and compile time, do not grow with T. Eager has no trace: its first step is reported (it
+runs the loops op by op from Python, so it grows with T), and eager runs estimated to take
+longer than `--eager-limit` seconds are skipped with the reason.
+
+Each configuration runs in a fresh subprocess (cold caches). Results go to
+``benchmarks/results/trace.json`` and ``trace.md``.
+
+    python3 benchmarks/bench_trace.py [--lengths 100 1000 10000] [--steps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+UNITS, BATCH, FEATURES, BUDGET = 64, 8, 16, 0.05
+
+
+def _one(mode: str, num_steps: int, steps: int) -> dict:
+    """Runs in the subprocess: times one configuration."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    sys.path.insert(0, ROOT)
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from tf_membptt import MemoryEfficientRNN
+    from tf_membptt import planner
+
+    tf.get_logger().setLevel("ERROR")
+    keras.utils.set_random_seed(0)
+    layer = MemoryEfficientRNN(keras.layers.LSTMCell(UNITS), BUDGET)
+    head = keras.layers.Dense(1)
+    x = tf.constant(np.random.default_rng(0).standard_normal((BATCH, num_steps, FEATURES)),
+                    tf.float32)
+    y = tf.constant(np.random.default_rng(1).standard_normal((BATCH, 1)), tf.float32)
+    layer.build(x.shape)
+    head.build((BATCH, UNITS))
+    variables = layer.trainable_variables + head.trainable_variables
+
+    def train_step(x, y):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean((head(layer(x, training=True)) - y) ** 2)
+        return loss, tape.gradient(loss, variables)
+
+    fn = {"eager": train_step, "graph": tf.function(train_step),
+          "xla": tf.function(train_step, jit_compile=True)}[mode]
+    planner._cached_plan.cache_clear()
+    start = time.perf_counter()
+    loss, grads = fn(x, y)
+    float(loss)
+    [g.numpy() for g in grads]
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        loss, grads = fn(x, y)
+        float(loss)
+        [g.numpy() for g in grads]
+        times.append(time.perf_counter() - start)
+    plan = layer.last_plan
+    planner._cached_plan.cache_clear()
+    start = time.perf_counter()
+    planner.plan(num_steps, plan.memory_slots, strategy=plan.strategy, alpha=plan.alpha)
+    plan_s = time.perf_counter() - start
+    step = float(np.median(times)) if times else None
+    return dict(mode=mode, T=num_steps, first_call_s=first, step_s=step,
+                overhead_s=None if step is None else first - step, plan_s=plan_s,
+                forward_evals=plan.forward_evals, memory_slots=plan.memory_slots,
+                peak_memory=plan.peak_memory, alpha=plan.alpha, plan_method=plan.method,
+                steps_timed=len(times), skipped=None)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[100, 1000, 10000])
+    parser.add_argument("--modes", nargs="+", default=["eager", "graph", "xla"])
+    parser.add_argument("--steps", type=int, default=3, help="steady-state steps timed")
+    parser.add_argument("--eager-steps", type=int, default=1,
+                        help="steady-state steps timed in eager (slow)")
+    parser.add_argument("--eager-limit", type=float, default=120.0,
+                        help="skip eager runs whose first step is estimated above this (s)")
+    parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(_one(args.one[0], int(args.one[1]), args.steps)))
+        return
+
+    rows = []
+    for mode in args.modes:
+        previous = None
+        for num_steps in sorted(args.lengths):
+            if mode == "eager" and previous is not None:
+                # Eager time is linear in T: extrapolate from the last length measured.
+                estimate = previous["first_call_s"] * num_steps / previous["T"] * (
+                    1 + args.eager_steps)
+                if estimate > args.eager_limit:
+                    reason = (f"eager runs the op table from Python, linear in T: estimated "
+                              f"{estimate:.0f} s for the first call and {args.eager_steps} "
+                              f"step(s) "
+                              f"(from T={previous['T']}), above --eager-limit "
+                              f"{args.eager_limit:g} s")
+                    rows.append(dict(mode=mode, T=num_steps, skipped=reason))
+                    print(f"{mode:5s} T={num_steps:6d} skipped: {reason}", flush=True)
+                    continue
+            steps = args.eager_steps if mode == "eager" else args.steps
+            result = subprocess.run(
+                [sys.executable, os.path.abspath(__file__), "--one", mode, str(num_steps),
+                 "--steps", str(steps)], capture_output=True, text=True, cwd=ROOT)
+            if result.returncode != 0:
+                raise RuntimeError(f"{mode} T={num_steps} failed:\n{result.stderr[-3000:]}")
+            row = json.loads(result.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            previous = row
+            print(f"{mode:5s} T={num_steps:6d} first={row['first_call_s']:.2f}s "
+                  f"step={row['step_s']:.3f}s overhead={row['overhead_s']:.2f}s "
+                  f"plan={row['plan_s']:.3f}s evals/T={row['forward_evals'] / num_steps:.3f}",
+                  flush=True)
+
+    import tensorflow as tf
+
+    meta = dict(cell=f"LSTMCell({UNITS})", batch=BATCH, features=FEATURES,
+                memory_budget=BUDGET, steady_steps=args.steps, eager_steps=args.eager_steps,
+                tensorflow=tf.__version__, python=platform.python_version(),
+                machine=platform.machine(), cpus=os.cpu_count(),
+                note="first_call_s includes tracing, planning, XLA compilation and one run; "
+                     "overhead_s = first_call_s - step_s. Eager has no tracing: its first "
+                     "call is a plain first step.")
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "trace.json"), "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=2)
+    with open(os.path.join(args.out, "trace.md"), "w") as f:
+        f.write(_markdown(meta, rows))
+
+
+def _markdown(meta, rows):
+    lines = [
+        "# Trace + compile time of one training step",
+        "",
+        f"`MemoryEfficientRNN({meta['cell']}, memory_budget={meta['memory_budget']})`, batch "
+        f"{meta['batch']}, {meta['features']} features, loss + gradients of every weight. "
+        f"TensorFlow {meta['tensorflow']}, {meta['cpus']} CPUs. Generated by "
+        "`python3 benchmarks/bench_trace.py`.",
+        "",
+        "- **first call**: trace + plan + compile (XLA) + one run;",
+        f"- **step**: steady-state step (median of {meta['steady_steps']}; eager: "
+        f"{meta['eager_steps']});",
+        "- **overhead** = first call - step: what tracing, planning and compiling cost;",
+        "- **plan**: the planner alone (cold cache), included in the first call.",
+        "",
+        "| mode | T | first call (s) | step (s) | overhead (s) | plan (s) | evals / T | "
+        "memory slots | peak |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if r.get("skipped"):
+            lines.append(f"| {r['mode']} | {r['T']} | skipped: {r['skipped']} |  |  |  |  |"
+                         "  |  |")
+            continue
+        lines.append(
+            f"| {r['mode']} | {r['T']} | {r['first_call_s']:.2f} | {r['step_s']:.3f} | "
+            f"{r['overhead_s']:.2f} | {r['plan_s']:.3f} | "
+            f"{r['forward_evals'] / r['T']:.3f} | {r['memory_slots']:g} | "
+            f"{r['peak_memory']:g} |")
+    lines += ["", "Eager has no trace: its \"first call\" is an ordinary first step, which "
+              "runs the plan's loops op by op from Python and therefore grows with T; "
+              "its overhead column is only first-step warm-up.", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
