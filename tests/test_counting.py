@@ -63,11 +63,6 @@ def test_cell_evaluations_equal_plan(strategy, budget):
         assert counts["train"] == T  # no limit: nothing recomputed
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "chen's op list recomputes the last segment after a RESTORE inside the first sweep "
-    "(forward_evals=40 at T=20), but the executor's first sweep stores those internal "
-    "states on its single pass (35 evaluations): Plan.forward_evals does not describe what "
-    "runs"))
 def test_cell_evaluations_equal_plan_chen():
     counts, plan = _count_runs("chen", None)
     assert counts["inference"] == T

@@ -171,11 +171,18 @@ class Plan:
 
     @property
     def num_forward_ops(self) -> int:
-        """Ops of the first sweep: everything before the first backward op."""
+        """Ops of the first sweep: up to the first evaluation of step ``T`` and the stores
+        right after it. The executor runs them in the forward pass (which must produce every
+        output) and the rest in the gradient. (Not simply "before the first backward op":
+        the ``chen`` baseline recomputes its last segment before its first backward.)"""
         for index, op in enumerate(self.ops):
-            if op.kind in (OpKind.BACKWARD_CURSOR, OpKind.BACKWARD_STORED):
+            if op.kind == OpKind.ADVANCE and op.step == self.num_steps:
+                index += 1
+                while index < len(self.ops) and self.ops[index].kind in (
+                        OpKind.STORE_HIDDEN, OpKind.STORE_INTERNAL):
+                    index += 1
                 return index
-        return len(self.ops)
+        raise AssertionError("a plan evaluates its last step")
 
     def describe(self) -> str:
         """A readable summary of the plan."""
