@@ -180,7 +180,12 @@ class StepProgram:
         self._forward = wrapped.prune(feeds_fwd, [r["output"]] + r["new_carry"] + stored)
         self._forward_plain = wrapped.prune(feeds_fwd, [r["output"]] + r["new_carry"])
         invariant_feeds = r["weights"] + r["extras"]
-        self._invariants = (wrapped.prune(invariant_feeds, invariants) if invariants else None)
+        # Invariants with a value known now (constants, static shapes) are passed as
+        # constants: computed through a function from the weights, XLA would treat the
+        # weights as compile-time constants and recompile after every weight update.
+        self._static_invariants = [tf.get_static_value(t) for t in invariants]
+        dynamic = [t for t, v in zip(invariants, self._static_invariants) if v is None]
+        self._invariants = wrapped.prune(invariant_feeds, dynamic) if dynamic else None
         self._num_invariants = len(invariants)
         backward_feeds = (stored + [r["new_carry"][k] for k in self._carry_residual_indices()]
                           + [s[0] for s in self._shape_feeds] + invariants
@@ -213,9 +218,9 @@ class StepProgram:
 
     # -- calls ------------------------------------------------------------------------
     def invariants(self, weights, extras) -> List[tf.Tensor]:
-        if self._invariants is None:
-            return []
-        return list(self._invariants(*weights, *extras))
+        dynamic = iter(self._invariants(*weights, *extras) if self._invariants else [])
+        return [next(dynamic) if value is None else tf.constant(value)
+                for value in self._static_invariants]
 
     def forward(self, x, mask, carry, weights, extras):
         """One step: ``(output, new_carry, residuals)``."""
