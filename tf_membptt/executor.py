@@ -380,44 +380,46 @@ class _Tables:
 
 
 def plan_tables(plan: Plan, hidden_size: int, internal_size: int) -> _Tables:
-    table = plan.op_table()
+    """Splits the op table into the first sweep's per-step stores and the gradient's rows,
+    with element offsets for this cell (vectorized: plans have 10^5 ops at T = 10^4)."""
+    table = plan.op_table().astype(np.int64)
+    kind, step, slot = table[:, 0], table[:, 1], table[:, 2]
+    offset = table[:, 3] * hidden_size + table[:, 4] * internal_size
+    is_store = (kind == OpKind.STORE_HIDDEN) | (kind == OpKind.STORE_INTERNAL)
+    size = np.where(kind == OpKind.STORE_HIDDEN, hidden_size, internal_size)
+    # h_0 is slot 0, at offset 0.
+    capacity = int(max(hidden_size, np.max(np.where(is_store, offset + size, 0))))
+    num_slots = int(max(1, np.max(np.where(is_store, slot + 1, 0))))
+
     num_forward = plan.num_forward_ops
+    forward = slice(0, num_forward)
+    allowed = np.isin(kind[forward], [OpKind.ADVANCE, OpKind.STORE_HIDDEN,
+                                       OpKind.STORE_INTERNAL, OpKind.FREE, OpKind.RESTORE])
+    if not np.all(allowed):
+        raise AssertionError("the first sweep holds only advances and stores")
+    stores = np.nonzero(is_store[forward])[0]
+    store_steps = step[stores]  # a store's step is the cursor's: the step just evaluated
+    if len(np.unique(store_steps)) != len(store_steps):
+        raise AssertionError("the first sweep stores at most one state per step")
     forward_store = np.zeros((plan.num_steps, 3), np.int32)
-    capacity, num_slots, last_step = hidden_size, 1, 0  # h_0 is slot 0, at offset 0
-    rows = []
-    for index, (kind, step, slot, hidden_below, internal_below) in enumerate(table):
-        offset = hidden_below * hidden_size + internal_below * internal_size
-        if kind in (OpKind.STORE_HIDDEN, OpKind.STORE_INTERNAL):
-            size = hidden_size if kind == OpKind.STORE_HIDDEN else internal_size
-            capacity = max(capacity, offset + size)
-            num_slots = max(num_slots, slot + 1)
-        if index >= num_forward:
-            rows.append((kind, step, slot, offset))
-        elif kind == OpKind.ADVANCE:
-            last_step = step
-        elif kind in (OpKind.STORE_HIDDEN, OpKind.STORE_INTERNAL):
-            if forward_store[last_step - 1, 0] != 0:
-                raise AssertionError("the first sweep stores at most one state per step")
-            forward_store[last_step - 1] = (1 if kind == OpKind.STORE_HIDDEN else 2, slot,
-                                            offset)
-        elif kind not in (OpKind.FREE, OpKind.RESTORE):
-            raise AssertionError(f"unexpected op {kind} in the first sweep")
+    forward_store[store_steps - 1, 0] = np.where(kind[stores] == OpKind.STORE_HIDDEN, 1, 2)
+    forward_store[store_steps - 1, 1] = slot[stores]
+    forward_store[store_steps - 1, 2] = offset[stores]
+
+    rows = np.stack([kind, step, slot, offset], axis=1)[num_forward:]
+    is_backward = np.isin(rows[:, 0], [OpKind.BACKWARD_CURSOR, OpKind.BACKWARD_STORED])
     # Ops after the last backward only free slots: nothing is left to do.
-    while rows and rows[-1][0] not in (OpKind.BACKWARD_CURSOR, OpKind.BACKWARD_STORED):
-        rows.pop()
+    last = np.nonzero(is_backward)[0][-1]
+    rows, is_backward = rows[:last + 1], is_backward[:last + 1]
     # Each iteration of the backward loop writes one row of the input gradient (XLA cannot
     # take the TensorArray through the op switch). A backward op writes its own step's row;
     # any other op writes zeros to the row of the next backward op, which overwrites it.
-    dx_rows, next_row = [], 0
-    for kind, step, _, _ in reversed(rows):
-        if kind in (OpKind.BACKWARD_CURSOR, OpKind.BACKWARD_STORED):
-            next_row = step - 1
-        dx_rows.append(next_row)
-    table = np.asarray([row + (dx_row,) for row, dx_row in zip(rows, reversed(dx_rows))],
-                       np.int32).reshape(-1, 5)
-    stores_internal = bool(np.any(table[:, 0] == OpKind.STORE_INTERNAL)) or bool(
-        np.any(forward_store[:, 0] == 2))
-    return _Tables(forward_store, table, capacity, num_slots, stores_internal)
+    positions = np.where(is_backward, np.arange(len(rows)), len(rows))
+    next_backward = np.minimum.accumulate(positions[::-1])[::-1]
+    dx_rows = rows[next_backward, 1] - 1
+    backward_table = np.concatenate([rows, dx_rows[:, None]], axis=1).astype(np.int32)
+    stores_internal = bool(np.any(kind == OpKind.STORE_INTERNAL))
+    return _Tables(forward_store, backward_table, capacity, num_slots, stores_internal)
 
 
 class _FlatStore:
