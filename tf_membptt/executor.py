@@ -548,6 +548,24 @@ def run_planned(program: StepProgram, plan: Plan, xs, masks, carry, weights, ext
     needs_input_grad = _watched(xs)
     captured_xs = xs
 
+    def forward_sweep(xs, masks, carry0, weight_values, extras):
+        return _forward_sweep(program, tables, store, xs, masks, carry0, weight_values,
+                              extras, batch, return_sequences, num_steps)
+
+    def backward_sweep(xs, masks, weight_values, extras, invariants, stored, final_carry,
+                       residuals_last, d_final_carry, d_outputs, d_last):
+        return _backward_sweep(program, tables, store, xs, masks, weight_values, extras,
+                               invariants, stored, final_carry, residuals_last,
+                               d_final_carry, d_outputs, d_last, batch, num_steps,
+                               needs_input_grad)
+
+    if tf.executing_eagerly():
+        # Eagerly, the loops would dispatch every op of every step from Python (~0.1 s a
+        # step, measured); they run as two traced functions instead, cached per plan. The
+        # stored states pass from one to the other as a TensorArray, as in graph mode.
+        forward_sweep, backward_sweep = _eager_sweeps(program, plan, tables,
+                                                      return_sequences, needs_input_grad)
+
     @tf.custom_gradient
     def planned(*inputs):
         if needs_input_grad:
@@ -560,17 +578,15 @@ def run_planned(program: StepProgram, plan: Plan, xs, masks, carry, weights, ext
         # replaces it, and recording would keep every step's tensors alive.
         with _stop_recording():
             invariants = program.invariants(weight_values, extras)
-            last_output, outputs, final_carry, stored, residuals_last = _forward_sweep(
-                program, tables, store, xs, masks, carry0, weight_values, extras, batch,
-                return_sequences, num_steps)
+            last_output, outputs, final_carry, stored, residuals_last = forward_sweep(
+                xs, masks, carry0, weight_values, extras)
 
         def grad(d_result, *d_final_carry, variables=None):
             d_outputs = d_result if return_sequences else None
             d_last = None if return_sequences else d_result
-            d_xs, d_carry0, d_weights = _backward_sweep(
-                program, tables, store, xs, masks, weight_values, extras, invariants, stored,
-                final_carry, residuals_last, list(d_final_carry), d_outputs, d_last, batch,
-                num_steps, needs_input_grad)
+            d_xs, d_carry0, d_weights = backward_sweep(
+                xs, masks, weight_values, extras, invariants, stored, final_carry,
+                residuals_last, list(d_final_carry), d_outputs, d_last)
             return ([d_xs] if needs_input_grad else []) + d_carry0 + d_weights
 
         result = outputs if return_sequences else last_output
@@ -581,6 +597,39 @@ def run_planned(program: StepProgram, plan: Plan, xs, masks, carry, weights, ext
     if return_sequences:
         return result[-1], result, final_carry
     return result, None, final_carry
+
+
+def _eager_sweeps(program, plan, tables, return_sequences, needs_input_grad):
+    cache = program.__dict__.setdefault("_eager_sweeps", {})
+    key = (plan, return_sequences, needs_input_grad)
+    if key in cache:
+        return cache[key]
+    num_steps = plan.num_steps
+
+    def store_for(xs):
+        return _SlotStore(tables, tf.shape(xs)[1], xs.shape[1], program.dtype)
+
+    # A TensorArray crosses a function boundary as its flow (a TensorList variant).
+    @tf.function(autograph=False)
+    def forward_sweep(xs, masks, carry0, weight_values, extras):
+        result = _forward_sweep(program, tables, store_for(xs), xs, masks, carry0,
+                                weight_values, extras, tf.shape(xs)[1], return_sequences,
+                                num_steps)
+        return result[:3] + (result[3].flow,) + result[4:]
+
+    @tf.function(autograph=False)
+    def backward_sweep(xs, masks, weight_values, extras, invariants, stored_flow,
+                       final_carry, residuals_last, d_final_carry, d_outputs, d_last):
+        store = store_for(xs)
+        stored = tf.TensorArray(program.dtype, flow=stored_flow, clear_after_read=False,
+                                infer_shape=False)
+        return _backward_sweep(program, tables, store, xs, masks, weight_values, extras,
+                               invariants, stored, final_carry, residuals_last,
+                               d_final_carry, d_outputs, d_last, tf.shape(xs)[1], num_steps,
+                               needs_input_grad)
+
+    cache[key] = (forward_sweep, backward_sweep)
+    return cache[key]
 
 
 class _stop_recording:
