@@ -533,7 +533,7 @@ def write_plot(path, data):
                     "o-", color=color, label=f"{strategy} (measured)")
             ax.plot([100 * e["predicted_memory_fraction"] for e in es],
                     [e["predicted_time_ratio"] for e in es], "x--", color=color, alpha=0.5,
-                    label=f"{strategy} (plan)")
+                    label=f"{strategy} (plan: peak / (alpha T))")
             for e in es:
                 ax.annotate(f"{100 * e['budget']:g}%",
                             (100 * e["memory_ratio"], e["time_ratio"]),
@@ -548,6 +548,8 @@ def write_plot(path, data):
         ax.plot(*PAPER_HEADLINE, "*", color="gold", markersize=15, markeredgecolor="k",
                 label="paper: 5% memory, 1.33x")
         ax.set_xscale("log")
+        if max(e["time_ratio"] for e in cfg["methods"]) > 5:
+            ax.set_yscale("log")
         ax.set_xlabel("activation memory, % of standard BPTT")
         ax.set_ylabel("time per step / standard BPTT")
         ax.set_title(f"{cfg['mode']}, T={cfg['T']}")
