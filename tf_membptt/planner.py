@@ -234,7 +234,11 @@ def _cached_plan(num_steps: int, memory_slots: float, strategy: str, alpha: floa
     else:
         a, q = units = alpha_units(alpha)
         budget = int(math.floor(memory_slots * q + 1e-9))
-        if _dp_work(num_steps, budget, a, q, strategy)[0] <= _EXACT_WORK_LIMIT:
+        if budget >= _saturation(num_steps, a, q, strategy):
+            # Enough memory to store every state the strategy can store: the optimum is
+            # known in closed form (T evaluations; 2T - 1 for hsm), no table needed.
+            ops, method = _store_everything_ops(num_steps, strategy), "exact"
+        elif _dp_work(num_steps, budget, a, q, strategy)[0] <= _EXACT_WORK_LIMIT:
             tables, method = _solve(num_steps, budget, a, q, strategy)
             ops = _emit(tables, num_steps, budget, a, q)
         else:
@@ -243,6 +247,28 @@ def _cached_plan(num_steps: int, memory_slots: float, strategy: str, alpha: floa
     return Plan(num_steps=num_steps, memory_slots=memory_slots, strategy=strategy,
                 alpha=alpha, forward_evals=forward_evals, peak_memory=peak_units / units[1],
                 ops=tuple(ops), method=method, alpha_units=units)
+
+
+def _store_everything_ops(T: int, strategy: str) -> List[Op]:
+    """The optimal schedule at a saturated budget: msm/ism store every internal state but
+    the last step's (T evaluations); hsm stores every hidden state (2T - 1)."""
+    emitter = _Emitter()
+    kind = "h" if strategy == "hsm" else "i"
+    for _ in range(T - 1):
+        emitter.advance(1)
+        emitter.store(kind)
+    emitter.advance(1)
+    emitter.backward_cursor()
+    for step in range(T - 1, 0, -1):
+        if kind == "i":
+            emitter.backward_stored(step)
+            emitter.free_top()
+        else:
+            emitter.free_top()  # h_step is not needed once step + 1 is done
+            emitter.restore_to(step - 1)
+            emitter.advance(1)
+            emitter.backward_cursor()
+    return emitter.ops
 
 
 def _count(ops: List[Op], a: int, q: int) -> Tuple[int, int]:
