@@ -98,7 +98,9 @@ def test_parity_eager(case):
 
 
 @pytest.mark.parametrize("case", [
-    dict(cell_kind="lstm", num_steps=12, budget="slots:3", mask_kind="middle",
+    # Under XLA one state-sized scratch area comes out of the budget (executor._FlatStore):
+    # 'slots:8' leaves the LSTM (alpha 3.33 with the carried output) 4.67 slots to plan.
+    dict(cell_kind="lstm", num_steps=12, budget="slots:8", mask_kind="middle",
          return_sequences=True),
     dict(cell_kind="nested", num_steps=6, budget="slots:4", strategy="hsm", init="zeros",
          mask_kind="end", zero_output_for_mask=True),
