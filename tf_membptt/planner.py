@@ -102,6 +102,8 @@ exact one in every case tested (tests/test_planner_large.py, benchmarks/bench_pl
 It is not proven optimal in general: for budgets so small relative to T that chunks
 themselves need deep recursion beyond ``nmax`` rows, only the chain's top level is
 restricted; such budgets give narrow tables, so ``nmax`` is raised to cover them.
+A chained plan that meets the lower bound (`_lower_bound`) is proven optimal and labelled
+``method="exact"``; otherwise it is ``"approximate"``.
 """
 
 from __future__ import annotations
@@ -244,9 +246,24 @@ def _cached_plan(num_steps: int, memory_slots: float, strategy: str, alpha: floa
         else:
             ops, method = _chain_ops(num_steps, budget, a, q, strategy), "approximate"
     forward_evals, peak_units = _count(ops, *units)
+    if method == "approximate" and forward_evals == _lower_bound(num_steps, budget, a, q,
+                                                                   strategy):
+        method = "exact"  # it meets a lower bound on every schedule: proven optimal
     return Plan(num_steps=num_steps, memory_slots=memory_slots, strategy=strategy,
                 alpha=alpha, forward_evals=forward_evals, peak_memory=peak_units / units[1],
                 ops=tuple(ops), method=method, alpha_units=units)
+
+
+def _lower_bound(T: int, budget: int, a: int, q: int, strategy: str) -> int:
+    """A lower bound on forward evaluations (msm/ism; 0 otherwise, i.e. no claim).
+
+    Every step is evaluated in the first sweep; each step but T is evaluated again before
+    its backward unless its internal state was stored in the first sweep, and all of those
+    are still held when step T's backward runs, next to h_0: at most (budget - q) // a.
+    """
+    if strategy not in ("msm", "ism"):
+        return 0
+    return 2 * T - 1 - min(T - 1, (budget - q) // a)
 
 
 def _store_everything_ops(T: int, strategy: str) -> List[Op]:
