@@ -27,8 +27,6 @@ def test_fit_reduces_loss(mode):
     model.compile(keras.optimizers.Adam(0.03), "mse",
                   run_eagerly=mode == "run_eagerly", jit_compile=mode == "jit_compile")
     x, y = _task()
-    # One batch per epoch: XLA recompiles the step on every call (see the report), so
-    # keep the number of steps small.
     history = model.fit(x, y, batch_size=32, epochs=5, verbose=0, shuffle=False)
     losses = history.history["loss"]
     assert all(np.isfinite(losses))
@@ -36,13 +34,16 @@ def test_fit_reduces_loss(mode):
     plan = layer.last_plan
     assert plan is not None and plan.num_steps == T
     assert plan.forward_evals > T  # the planned (recomputing) gradient was used
-    assert plan.memory_slots == np.floor(0.2 * layer.step_alpha * T + 1e-9)
+    # Under XLA one state-sized scratch area comes out of the budget (executor._FlatStore).
+    reserved = layer.step_alpha if mode == "jit_compile" else 0.0
+    assert plan.memory_slots == pytest.approx(
+        np.floor(0.2 * layer.step_alpha * T + 1e-9) - reserved)
 
 
 def test_xla_gradients_equal_graph_gradients():
     keras.utils.set_random_seed(1)
     cell = keras.layers.LSTMCell(6)
-    layer = MemoryEfficientRNN(cell, "slots:3", return_sequences=True, return_state=True)
+    layer = MemoryEfficientRNN(cell, "slots:8", return_sequences=True, return_state=True)
     rng = np.random.default_rng(1)
     x = tf.constant(rng.standard_normal((3, 25, 4)), tf.float32)
     mask = tf.constant(rng.random((3, 25)) > 0.2)
@@ -57,7 +58,9 @@ def test_xla_gradients_equal_graph_gradients():
     graph = tf.function(step)(x)
     graph_plan = layer.last_plan
     xla = tf.function(step, jit_compile=True)(x)
-    assert layer.last_plan.forward_evals == graph_plan.forward_evals > 25
+    # XLA plans with the scratch state's slots less, so it recomputes at least as much.
+    assert layer.last_plan.memory_slots == pytest.approx(8 - layer.step_alpha)
+    assert layer.last_plan.forward_evals >= graph_plan.forward_evals > 25
     assert_all_close(graph, xla, "xla vs graph")
 
 
