@@ -272,32 +272,28 @@ def test_keras_save_load_round_trip(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-def test_xla_scratch_state_comes_out_of_the_budget():
-    """Under XLA the executor's flat buffer keeps one state-sized scratch area: the layer
-    plans with that much less, and a budget too small for it names the reservation."""
-    x = tf.constant(np.random.default_rng(0).normal(size=(2, 10, 3)).astype("float32"))
-    layer = MemoryEfficientRNN(keras.layers.LSTMCell(4), memory_budget="slots:3")
-    layer(x)
-
+def _xla_train_step(layer):
     @tf.function(jit_compile=True)
     def train_step(inputs):
         with tf.GradientTape() as tape:
             loss = tf.reduce_sum(layer(inputs, training=True))
         return tape.gradient(loss, layer.trainable_variables)
 
+    return train_step
+
+
+def test_xla_scratch_state_comes_out_of_the_budget():
+    """Under XLA the executor's flat buffer keeps one state-sized scratch area: the layer
+    plans with that much less, and a budget too small for it names the reservation."""
+    x = tf.constant(np.random.default_rng(0).normal(size=(2, 10, 3)).astype("float32"))
+    layer = MemoryEfficientRNN(keras.layers.LSTMCell(4), memory_budget="slots:3")
+    layer(x)
     with pytest.raises(ValueError, match=r"memory_budget.*XLA executor's scratch state"):
-        train_step(x)
+        _xla_train_step(layer)(x)
 
     roomy = MemoryEfficientRNN(keras.layers.LSTMCell(4), memory_budget="slots:8")
     roomy(x)
-
-    @tf.function(jit_compile=True)
-    def roomy_step(inputs):
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_sum(roomy(inputs, training=True))
-        return tape.gradient(loss, roomy.trainable_variables)
-
-    roomy_step(x)
+    _xla_train_step(roomy)(x)
     alpha = roomy.step_alpha
     assert roomy.last_plan.memory_slots == pytest.approx(8 - alpha)
     assert roomy.last_plan.peak_memory + alpha <= 8 + 1e-9
