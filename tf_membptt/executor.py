@@ -44,7 +44,7 @@ gradients are accumulated in the loop carry (never held per step). Both loops se
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, List, Sequence
+from typing import Callable, List
 
 import numpy as np
 import tensorflow as tf
@@ -91,7 +91,6 @@ class StepProgram:
     def _trace(self, step_fn):
         num_carry = len(self.carry_specs)
         num_weights = len(self.weight_specs)
-        num_extras = len(self.extra_specs)
         record = {}
 
         def traced(*args):
@@ -178,7 +177,6 @@ class StepProgram:
                                for t in stored]
         feeds_fwd = [r["x"], r["mask"]] + r["carry"] + r["weights"] + r["extras"]
         self._forward = wrapped.prune(feeds_fwd, [r["output"]] + r["new_carry"] + stored)
-        self._forward_plain = wrapped.prune(feeds_fwd, [r["output"]] + r["new_carry"])
         invariant_feeds = r["weights"] + r["extras"]
         # Invariants with a value known now (constants, static shapes) are passed as
         # constants: computed through a function from the weights, XLA would treat the
@@ -186,12 +184,11 @@ class StepProgram:
         self._static_invariants = [tf.get_static_value(t) for t in invariants]
         dynamic = [t for t, v in zip(invariants, self._static_invariants) if v is None]
         self._invariants = wrapped.prune(invariant_feeds, dynamic) if dynamic else None
-        self._num_invariants = len(invariants)
         backward_feeds = (stored + [r["new_carry"][k] for k in self._carry_residual_indices()]
                           + [s[0] for s in self._shape_feeds] + invariants
                           + [r["x"], r["mask"], r["d_output"]] + r["d_carry"])
-        # Remove duplicates (a tensor fed twice) while keeping the order.
-        self._backward_feed_layout = backward_feeds
+        # A tensor may appear twice (e.g. a residual that is also an invariant's input):
+        # it is fed once, and `_backward_unique_index` maps each position to its feed.
         self._backward = wrapped.prune(_unique(backward_feeds), r["grads"])
         self._backward_unique_index = _unique_index(backward_feeds)
         self.output_spec = tf.TensorSpec([None] + r["output"].shape.as_list()[1:],
@@ -231,11 +228,6 @@ class StepProgram:
         new_carry = [_with_batch(t, batch) for t in out[1:1 + num_carry]]
         residuals = [_with_batch(t, batch) for t in out[1 + num_carry:]]
         return output, new_carry, residuals
-
-    def forward_plain(self, x, mask, carry, weights, extras):
-        out = self._forward_plain(x, mask, *carry, *weights, *extras)
-        batch = x.shape[:1]
-        return _with_batch(out[0], batch), [_with_batch(t, batch) for t in out[1:]]
 
     def backward(self, residuals, new_carry, invariants, x, mask, d_output, d_carry, batch):
         """Gradients ``(dx, d_carry_prev, d_weights)`` of one step from its residuals."""
@@ -548,12 +540,12 @@ def run_planned(program: StepProgram, plan: Plan, xs, masks, carry, weights, ext
     needs_input_grad = _watched(xs)
     captured_xs = xs
 
-    def forward_sweep(xs, masks, carry0, weight_values, extras):
+    def graph_forward_sweep(xs, masks, carry0, weight_values, extras):
         return _forward_sweep(program, tables, store, xs, masks, carry0, weight_values,
                               extras, batch, return_sequences, num_steps)
 
-    def backward_sweep(xs, masks, weight_values, extras, invariants, stored, final_carry,
-                       residuals_last, d_final_carry, d_outputs, d_last):
+    def graph_backward_sweep(xs, masks, weight_values, extras, invariants, stored,
+                             final_carry, residuals_last, d_final_carry, d_outputs, d_last):
         return _backward_sweep(program, tables, store, xs, masks, weight_values, extras,
                                invariants, stored, final_carry, residuals_last,
                                d_final_carry, d_outputs, d_last, batch, num_steps,
@@ -565,6 +557,8 @@ def run_planned(program: StepProgram, plan: Plan, xs, masks, carry, weights, ext
         # stored states pass from one to the other as a TensorArray, as in graph mode.
         forward_sweep, backward_sweep = _eager_sweeps(program, plan, tables,
                                                       return_sequences, needs_input_grad)
+    else:
+        forward_sweep, backward_sweep = graph_forward_sweep, graph_backward_sweep
 
     @tf.custom_gradient
     def planned(*inputs):
@@ -720,7 +714,7 @@ def _backward_sweep(program, tables, store, xs, masks, weights, extras, invarian
     d_weights0 = [tf.zeros_like(w) for w in weights]
     dxs_ta = (tf.TensorArray(xs.dtype, size=num_steps) if needs_input_grad
               else tf.zeros([], xs.dtype))  # a placeholder loop variable
-    num_carry, num_res, num_w = len(final_carry), len(residuals_last), len(weights)
+    num_carry, num_res = len(final_carry), len(residuals_last)
     d_carry0 = [tf.zeros_like(c) if d is None else d for c, d in zip(final_carry, d_final_carry)]
 
     def unpack_vars(loop_vars):

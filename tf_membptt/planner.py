@@ -111,7 +111,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import numpy as np
 
