@@ -11,9 +11,10 @@ computing the loss and the gradients of every weight. Reported separately:
 * ``plan_s``: the planner alone for this T and budget (cold cache), for reference.
 
 The executor runs the plan's op table in `tf.while_loop`s, so the graph, and the trace
-and compile time, do not grow with T. Eager has no trace: its first step is reported (it
-runs the loops op by op from Python, so it grows with T), and eager runs estimated to take
-longer than `--eager-limit` seconds are skipped with the reason.
+and compile time, do not grow with T (planning does). Eager has no trace of the user's step;
+the layer runs its two sweeps as traced functions cached per plan, so the first eager step
+includes tracing those. Eager runs estimated to take longer than `--eager-limit` seconds
+are skipped with the reason.
 
 Each configuration runs in a fresh subprocess (cold caches). Results go to
 ``benchmarks/results/trace.json`` and ``trace.md``.
