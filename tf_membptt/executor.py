@@ -25,11 +25,13 @@ elements (`StepProgram.internal_size / StepProgram.hidden_size`).
 
 How memory is laid out
 ----------------------
-Every plan allocates its stored states as a stack (see `schedule.py`), so one flat buffer of
-``[capacity, batch]`` elements holds them all, each state at the offset fixed by what lies
-below it. Its capacity is the plan's peak in elements, so the buffer is never larger than
-the budget. States are written with `tensor_scatter_nd_update` (updated in place inside the
-loops) and read with `tf.slice`.
+Every plan allocates its stored states as a stack (see `schedule.py`), slot ``k`` holding
+the ``k``-th state from the bottom (``h_0`` is slot 0). In graph and eager mode the stack is
+a TensorArray with one element per slot (`_SlotStore`): a store replaces one element and a
+FREE empties it, so what is held is exactly the plan's stack. Under XLA it is one flat
+``[batch, capacity + scratch]`` buffer (`_FlatStore`), each state at the element offset
+fixed by what lies below it; the capacity is the plan's peak in elements, and XLA updates
+the buffer in place only under the access pattern `_FlatStore` describes.
 
 The loops
 ---------
