@@ -545,3 +545,26 @@ def test_planner_modules_do_not_import_tensorflow():
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True).stdout
     assert output.strip() == "[]"
+
+
+def test_direct_lower_bound_schedules_equal_the_dp_optimum():
+    """Where `plan` builds the O(T) schedule that meets the lower bound, its cost is the
+    exact DP's optimum, and the schedule is valid (small cases, against `_solve`)."""
+    checked = 0
+    for strategy in ("msm", "ism"):
+        for alpha in (1.0, 2.0, 2.5):
+            a, q = planner_module.alpha_units(alpha)
+            for T in range(2, 21):
+                for m in range(2, 26):
+                    budget = m * q
+                    if planner_module._boundary_chunks(T, budget, a, q, strategy) is None:
+                        continue
+                    result = plan(T, m, strategy=strategy, alpha=alpha)
+                    tables, _ = planner_module._solve(T, budget, a, q, strategy)
+                    optimum = int(tables.cost["Q"][T, min(budget, tables.width - 1)])
+                    assert result.forward_evals == optimum, (strategy, alpha, T, m)
+                    assert result.forward_evals == planner_module._lower_bound(
+                        T, budget, a, q, strategy)
+                    simulate(result)
+                    checked += 1
+    assert checked > 500
