@@ -254,9 +254,9 @@ def test_hsm_equals_revolve_long_sequences_sampled():
     assert mismatches == []
 
 
-@pytest.mark.slow
 def test_hsm_equals_revolve_full_grid():
-    # Every budget at t = 2000 and every (t, m) up to t = 150 (about a minute on 2 cores).
+    # Every budget at t = 2000 and every (t, m) up to t = 150 (about a minute on 2 cores;
+    # part of the default run, so CI checks the whole grid).
     mismatches = [(2000, m) for m in range(1, 51)
                   if plan(2000, m, strategy="hsm").forward_evals != revolve_cost(2000, m)]
     mismatches += [(t, m) for t in range(31, 151) for m in range(1, 51)
