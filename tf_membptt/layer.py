@@ -202,16 +202,19 @@ class MemoryEfficientRNN(keras.layers.RNN):
         def spec(t):
             return tf.TensorSpec([None] + list(t.shape[1:]), t.dtype)
 
-        key = (training, carries_output, has_mask, spec(xs[0]),
-               tuple(spec(s) for s in flat_states),
-               tuple(tf.TensorSpec(w.shape, w.dtype) for w in weight_values),
-               tuple(spec(e) if i >= len(other_vars) else tf.TensorSpec(e.shape, e.dtype)
-                     for i, e in enumerate(extras)))
+        num_other = len(other_vars)
+        x_spec = spec(xs[0])
+        state_specs = [spec(s) for s in flat_states]
+        weight_specs = [tf.TensorSpec(w.shape, w.dtype) for w in weight_values]
+        # Variable values have fixed shapes; dropout masks have a batch dimension.
+        extra_specs = [spec(e) if i >= num_other else tf.TensorSpec(e.shape, e.dtype)
+                       for i, e in enumerate(extras)]
+        key = (training, carries_output, has_mask, x_spec, tuple(state_specs),
+               tuple(weight_specs), tuple(extra_specs))
         if key in self._programs:
             return self._programs[key]
         cell = self.cell
         all_vars = weights_vars + other_vars
-        num_other = len(other_vars)
         zero_output = self.zero_output_for_mask
         num_states = len(flat_states)
         cell_kwargs = {}
@@ -234,7 +237,7 @@ class MemoryEfficientRNN(keras.layers.RNN):
             new_carry = list(new_flat) + ([output] if carries_output else [])
             return output, new_carry
 
-        carry_specs = [spec(s) for s in flat_states]
+        carry_specs = list(state_specs)
         if carries_output:
             # The previous output is part of the carry: masked steps repeat it.
             output_size = getattr(cell, "output_size", None) or self.state_size[0]
@@ -243,11 +246,8 @@ class MemoryEfficientRNN(keras.layers.RNN):
                     "With a mask, the cell's `output_size` must be an int; received "
                     f"output_size={output_size!r}. Use keras.layers.RNN for this cell.")
             carry_specs.append(tf.TensorSpec([None, output_size], flat_states[0].dtype))
-        program = executor.StepProgram(
-            step_fn, spec(xs[0]), carry_specs,
-            [tf.TensorSpec(w.shape, w.dtype) for w in weight_values],
-            [spec(e) if i >= num_other else tf.TensorSpec(e.shape, e.dtype)
-             for i, e in enumerate(extras)])
+        program = executor.StepProgram(step_fn, x_spec, carry_specs, weight_specs,
+                                       extra_specs)
         self._programs[key] = program
         self.step_alpha = program.alpha
         return program
