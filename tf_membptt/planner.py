@@ -323,8 +323,7 @@ def _lower_bound_ops(T: int, budget: int, a: int, q: int, strategy: str) -> List
     emitter.backward_cursor()  # step T
     for j in range(len(lengths), 0, -1):
         start, end = boundaries[j - 1], boundaries[j]
-        emitter.backward_stored(end)
-        emitter.free_top()
+        emitter.backward_stored_and_free(end)
         if end - start > 1:
             emitter.restore_to(start)
             for _ in range(end - start - 2):
@@ -333,8 +332,7 @@ def _lower_bound_ops(T: int, budget: int, a: int, q: int, strategy: str) -> List
             emitter.advance(1)
             emitter.backward_cursor()  # step end - 1
             for step in range(end - 2, start, -1):
-                emitter.backward_stored(step)
-                emitter.free_top()
+                emitter.backward_stored_and_free(step)
     return emitter.ops
 
 
@@ -350,8 +348,7 @@ def _store_everything_ops(T: int, strategy: str) -> List[Op]:
     emitter.backward_cursor()
     for step in range(T - 1, 0, -1):
         if kind == "i":
-            emitter.backward_stored(step)
-            emitter.free_top()
+            emitter.backward_stored_and_free(step)
         else:
             emitter.free_top()  # h_step is not needed once step + 1 is done
             emitter.restore_to(step - 1)
@@ -679,12 +676,15 @@ class _Emitter:
         hidden, internal = self._below()
         self.ops.append(Op(OpKind.FREE, step, len(self.stack), hidden, internal))
 
-    def backward_stored(self, step: int):
+    def backward_stored_and_free(self, step: int):
+        """Backward of `step` from its internal state on top of the stack, which is then
+        not needed any more: every schedule frees it right away."""
         kind, top_step = self.stack[-1]
         assert kind == "i" and top_step == step
         hidden, internal = self._below_top()
         self.ops.append(Op(OpKind.BACKWARD_STORED, step, len(self.stack) - 1, hidden,
                            internal))
+        self.free_top()
 
     def backward_cursor(self):
         self.ops.append(Op(OpKind.BACKWARD_CURSOR, self.cursor))
@@ -711,8 +711,7 @@ def _run_work(emitter: _Emitter, tables, work: list, a: int, q: int) -> None:
                 emitter.free_top()
             continue
         if item[0] == "bwd_free":
-            emitter.backward_stored(item[1])
-            emitter.free_top()
+            emitter.backward_stored_and_free(item[1])
             continue
         _, kind, start, n, b = item
         if n == 0:
@@ -1004,8 +1003,7 @@ def _full_ops(T: int) -> List[Op]:
         emitter.advance(1)
         emitter.store("i")
     for step in range(T, 0, -1):
-        emitter.backward_stored(step)
-        emitter.free_top()
+        emitter.backward_stored_and_free(step)
     return emitter.ops
 
 
@@ -1037,8 +1035,7 @@ def _chen_ops(T: int) -> List[Op]:
             emitter.advance(1)
             emitter.store("i")
         for step in range(start + length, start, -1):
-            emitter.backward_stored(step)
-            emitter.free_top()
+            emitter.backward_stored_and_free(step)
         if start > 0:
             emitter.free_top()
     return emitter.ops
