@@ -16,12 +16,23 @@ collects every forward tensor that a gradient op reads. Those are sorted into
 * shape-only uses (a `Shape` op reading a forward tensor): fed from static shapes, so the
   tensor itself need not be kept.
 
+An internal state ``I_i`` must serve both as a restart point (``h_i``) and for the backward
+of step ``i``. It has one of two layouts, whichever is smaller for the cell:
+
+* residuals: ``h_i`` followed by the per-step residuals;
+* compact: the tensors from which ``h_i`` and the residuals follow by cheap ops alone
+  (elementwise math, slicing, reductions: `_CHEAP_OPS`), found by walking back from them
+  until the carry ``h_{i-1}`` or the output of an expensive op such as a matrix product. For
+  an LSTM that is ``h_{i-1}``, ``c_{i-1}`` and ``h_{i-1} @ U``: 3 units of ``(h, c)``
+  instead of 4.5 (GRU: 4 units of ``h`` instead of 7). The backward and a restart from
+  ``I_i`` recompute the gates elementwise (and ``x_i @ W``, as the residuals layout does).
+  An op with control inputs (e.g. a stateful side effect) is never recomputed.
+
 The graph is then cut (`WrappedFunction.prune`) into a forward function that returns the new
-carry *and* the residuals, and a backward function from residuals (+ inputs, invariants,
-upstream gradients) to the gradients of the inputs, carry and weights. An internal state
-``I_i`` is the new carry ``h_i`` followed by the step's residuals, so it serves both as a
-restart point and for the backward of step ``i``: this is the cell's alpha, measured in
-elements (`StepProgram.internal_size / StepProgram.hidden_size`).
+carry *and* what an internal state holds, a backward function from that (+ inputs,
+invariants, upstream gradients) to the gradients of the inputs, carry and weights, and, for
+the compact layout, a function from an internal state to ``h_i``. The cell's alpha is
+measured in elements (`StepProgram.internal_size / StepProgram.hidden_size`).
 
 How memory is laid out
 ----------------------
@@ -54,6 +65,25 @@ import tensorflow as tf
 from tf_membptt.schedule import OpKind, Plan
 
 _SHAPE_OPS = ("Shape", "ShapeN", "Size", "Rank")
+
+# Ops whose cost is linear in their operands (elementwise math, slicing, joining, reshaping,
+# reductions). An internal state may store the inputs of a chain of such ops instead of its
+# outputs: the backward recomputes the chain for a small fraction of a step's cost. Every
+# other op (matrix products, convolutions, control flow, random ops) is expensive: its output
+# is stored when a backward needs what it feeds.
+_CHEAP_OPS = frozenset({
+    "Identity", "IdentityN", "StopGradient", "Cast", "Const",
+    "Add", "AddV2", "AddN", "BiasAdd", "Sub", "Mul", "MulNoNan", "RealDiv", "Div", "DivNoNan",
+    "FloorDiv", "FloorMod", "Neg", "Reciprocal", "Square", "SquaredDifference", "Sqrt",
+    "Rsqrt", "Exp", "Expm1", "Log", "Log1p", "Pow", "Abs", "Sign", "Maximum", "Minimum",
+    "Sigmoid", "Tanh", "Relu", "Relu6", "LeakyRelu", "Elu", "Selu", "Softplus", "Softsign",
+    "Erf", "Sin", "Cos", "ClipByValue", "Select", "SelectV2", "ZerosLike", "OnesLike", "Fill",
+    "Greater", "GreaterEqual", "Less", "LessEqual", "Equal", "NotEqual", "LogicalAnd",
+    "LogicalOr", "LogicalNot", "IsFinite",
+    "Split", "SplitV", "Slice", "StridedSlice", "Reshape", "ExpandDims", "Squeeze",
+    "ConcatV2", "Pack", "Unpack", "Shape", "ShapeN", "Size", "Rank", "BroadcastTo",
+    "Sum", "Mean", "Max", "Min", "Prod",
+})
 
 
 class StepProgram:
@@ -158,27 +188,47 @@ class StepProgram:
                 invariants.append(tensor)
             # Otherwise it is a function of x_i and the mask bit (and weights): the
             # backward function recomputes it from those, so it is never stored.
-        # A residual that is a component of the new carry is stored once, as part of h_i.
+        # Two ways to lay out an internal state; the smaller is used.
+        # * "residuals": h_i followed by the residuals (a residual that is a component of
+        #   h_i is stored once, as part of h_i).
+        # * "compact": the tensors that h_i and the residuals are computed from by cheap ops
+        #   alone (`_CHEAP_OPS`), walking back until the carry h_{i-1} or an expensive op.
+        #   For an LSTM that is h_{i-1}, c_{i-1} and h_{i-1} @ U: 3 units of (h, c) instead
+        #   of 4.5; the gates, c_i and h_i are recomputed elementwise when needed.
         new_carry_ids = {id(c): k for k, c in enumerate(r["new_carry"])}
-        self._residual_from_carry = [new_carry_ids.get(id(t), -1) for t in per_step]
+        residual_from_carry = [new_carry_ids.get(id(t), -1) for t in per_step]
         stored = [t for t in per_step if id(t) not in new_carry_ids]
-        for tensor in stored:
-            shape = tensor.shape
-            if shape.rank is None or shape.rank == 0 or any(
-                    d is None for d in shape.as_list()[1:]):
+        order = {id(op): n for n, op in enumerate(r["forward_ops"])}
+        frontier = _cheap_frontier(per_step + r["new_carry"], carry_ids,
+                                   _depends_on(carry_ids))
+        frontier.sort(key=lambda t: (order.get(id(t.op), -1), t.value_index))
+        residual_layout_size = (sum(self._carry_size_of(c) for c in r["new_carry"])
+                                + sum(self._carry_size_of(t) for t in stored))
+        self.compact = (all(_storable(t) for t in frontier)
+                        and sum(self._carry_size_of(t) for t in frontier) < residual_layout_size)
+        kept = frontier if self.compact else stored
+        for tensor in kept:
+            if not _storable(tensor):
+                shape = tensor.shape
+                if not tensor.dtype.is_floating:
+                    raise NotImplementedError(
+                        f"A tensor that the cell's backward needs, {tensor.name}, has dtype "
+                        f"{tensor.dtype.name}; only floating tensors can be stored. Use "
+                        "keras.layers.RNN for this cell.")
                 raise NotImplementedError(
                     f"A tensor that the cell's backward needs, {tensor.name}, has shape "
                     f"{shape}: only tensors with a leading batch dimension and static other "
                     f"dimensions can be stored. Use keras.layers.RNN for this cell.")
-            if not tensor.dtype.is_floating:
-                raise NotImplementedError(
-                    f"A tensor that the cell's backward needs, {tensor.name}, has dtype "
-                    f"{tensor.dtype.name}; only floating tensors can be stored. Use "
-                    "keras.layers.RNN for this cell.")
+        self._residual_from_carry = [] if self.compact else residual_from_carry
+        # Kept tensors that are the step's carry inputs are returned by the forward function
+        # as they came in (a pruned function cannot output one of its own feeds).
+        carry_position = {id(c): k for k, c in enumerate(r["carry"])}
+        self._kept_source = [carry_position.get(id(t), -1) for t in kept]
+        computed = [t for t in kept if id(t) not in carry_position]
         self.residual_specs = [tf.TensorSpec([None] + t.shape.as_list()[1:], t.dtype)
-                               for t in stored]
+                               for t in kept]
         feeds_fwd = [r["x"], r["mask"]] + r["carry"] + r["weights"] + r["extras"]
-        self._forward = wrapped.prune(feeds_fwd, [r["output"]] + r["new_carry"] + stored)
+        self._forward = wrapped.prune(feeds_fwd, [r["output"]] + r["new_carry"] + computed)
         invariant_feeds = r["weights"] + r["extras"]
         # Invariants with a value known now (constants, static shapes) are passed as
         # constants: computed through a function from the weights, XLA would treat the
@@ -186,9 +236,17 @@ class StepProgram:
         self._static_invariants = [tf.get_static_value(t) for t in invariants]
         dynamic = [t for t, v in zip(invariants, self._static_invariants) if v is None]
         self._invariants = wrapped.prune(invariant_feeds, dynamic) if dynamic else None
-        backward_feeds = (stored + [r["new_carry"][k] for k in self._carry_residual_indices()]
+        step_feeds = [r["x"], r["mask"]] + r["weights"] + r["extras"]
+        if self.compact:
+            # Restarting from a compact internal state recomputes h_i from it.
+            self._carry_from_kept = wrapped.prune(_unique(kept + step_feeds), r["new_carry"])
+            self._carry_from_kept_index = _unique_index(kept + step_feeds)
+            input_feeds = step_feeds
+        else:
+            input_feeds = [r["x"], r["mask"]]
+        backward_feeds = (kept + [r["new_carry"][k] for k in self._carry_residual_indices()]
                           + [s[0] for s in self._shape_feeds] + invariants
-                          + [r["x"], r["mask"], r["d_output"]] + r["d_carry"])
+                          + input_feeds + [r["d_output"]] + r["d_carry"])
         # A tensor may appear twice (e.g. a residual that is also an invariant's input):
         # it is fed once, and `_backward_unique_index` maps each position to its feed.
         self._backward = wrapped.prune(_unique(backward_feeds), r["grads"])
@@ -197,6 +255,10 @@ class StepProgram:
                                          r["output"].dtype)
         self._stored_size = [int(np.prod(s.shape[1:])) for s in self.residual_specs]
         self._carry_size = [int(np.prod(s.shape[1:])) for s in self.carry_specs]
+
+    @staticmethod
+    def _carry_size_of(tensor) -> int:
+        return int(np.prod(tensor.shape.as_list()[1:])) if _storable(tensor) else 1 << 62
 
     def _carry_residual_indices(self):
         return sorted({k for k in self._residual_from_carry if k >= 0})
@@ -208,8 +270,9 @@ class StepProgram:
 
     @property
     def internal_size(self) -> int:
-        """Elements per batch row of an internal state: ``h_i`` plus stored residuals."""
-        return self.hidden_size + sum(self._stored_size)
+        """Elements per batch row of an internal state (see the two layouts in `_trace`)."""
+        stored = sum(self._stored_size)
+        return stored if self.compact else self.hidden_size + stored
 
     @property
     def alpha(self) -> float:
@@ -222,17 +285,22 @@ class StepProgram:
                 for value in self._static_invariants]
 
     def forward(self, x, mask, carry, weights, extras):
-        """One step: ``(output, new_carry, residuals)``."""
+        """One step: ``(output, new_carry, working)``; `working` is what an internal state
+        holds beside ``h_i`` (all of it in the compact layout)."""
         out = self._forward(x, mask, *carry, *weights, *extras)
         num_carry = len(self.carry_specs)
         batch = x.shape[:1]
         output = _with_batch(out[0], batch)
         new_carry = [_with_batch(t, batch) for t in out[1:1 + num_carry]]
-        residuals = [_with_batch(t, batch) for t in out[1 + num_carry:]]
-        return output, new_carry, residuals
+        computed = iter(out[1 + num_carry:])
+        working = [carry[k] if k >= 0 else _with_batch(next(computed), batch)
+                   for k in self._kept_source]
+        return output, new_carry, working
 
-    def backward(self, residuals, new_carry, invariants, x, mask, d_output, d_carry, batch):
-        """Gradients ``(dx, d_carry_prev, d_weights)`` of one step from its residuals."""
+    def backward(self, working, new_carry, invariants, x, mask, d_output, d_carry, batch,
+                 weights, extras):
+        """Gradients ``(dx, d_carry_prev, d_weights)`` of one step from its internal state.
+        `new_carry` is not read in the compact layout (it may be None)."""
         shape_values = []
         for _, op_type, static, dtype in self._shape_feeds:
             dims = [batch if d is None else tf.constant(d, tf.int32) for d in static]
@@ -244,12 +312,10 @@ class StepProgram:
                                     else tf.constant(1, dtype))
             else:  # Rank
                 shape_values.append(tf.constant(len(static), dtype))
-        feeds = (list(residuals) + [new_carry[k] for k in self._carry_residual_indices()]
-                 + shape_values + list(invariants) + [x, mask, d_output] + list(d_carry))
-        unique = [None] * (max(self._backward_unique_index) + 1 if feeds else 0)
-        for value, index in zip(feeds, self._backward_unique_index):
-            unique[index] = value
-        grads = self._backward(*unique)
+        inputs = [x, mask] + (list(weights) + list(extras) if self.compact else [])
+        feeds = (list(working) + [new_carry[k] for k in self._carry_residual_indices()]
+                 + shape_values + list(invariants) + inputs + [d_output] + list(d_carry))
+        grads = self._backward(*_gather_unique(feeds, self._backward_unique_index))
         num_carry = len(self.carry_specs)
         dx = _with_shape(grads[0], x.shape)
         d_carry_prev = [_with_shape(g, c.shape) for g, c in zip(grads[1:1 + num_carry], d_carry)]
@@ -263,13 +329,76 @@ class StepProgram:
     def unpack_hidden(self, flat) -> List[tf.Tensor]:
         return _unpack(flat, self.carry_specs)
 
-    def pack_internal(self, carry, residuals) -> tf.Tensor:
-        return _pack(list(carry) + list(residuals), self.dtype)
+    def pack_internal(self, carry, working) -> tf.Tensor:
+        parts = list(working) if self.compact else list(carry) + list(working)
+        return _pack(parts, self.dtype)
 
     def unpack_internal(self, flat):
+        """``(carry, working)`` of a packed internal state; carry is None when compact."""
+        if self.compact:
+            return None, _unpack(flat, self.residual_specs)
         parts = _unpack(flat, self.carry_specs + self.residual_specs)
         num_carry = len(self.carry_specs)
         return parts[:num_carry], parts[num_carry:]
+
+    def carry_of_internal(self, flat, x, mask, weights, extras) -> List[tf.Tensor]:
+        """``h_i`` from a packed internal state ``I_i`` (x and mask are step i's)."""
+        if not self.compact:
+            return self.unpack_hidden(flat[:, :self.hidden_size])
+        _, working = self.unpack_internal(flat)
+        feeds = list(working) + [x, mask] + list(weights) + list(extras)
+        out = self._carry_from_kept(*_gather_unique(feeds, self._carry_from_kept_index))
+        return [_with_batch(t, x.shape[:1]) for t in out]
+
+
+def _storable(tensor) -> bool:
+    """A tensor an internal state can hold: floating, batch first, static other dims."""
+    shape = tensor.shape
+    return (tensor.dtype.is_floating and shape.rank is not None and shape.rank > 0
+            and all(d is not None for d in shape.as_list()[1:]))
+
+
+def _depends_on(source_ids):
+    """A memoized test: does a tensor depend (through data inputs) on any source tensor?"""
+    memo = {}
+
+    def depends(tensor):
+        key = id(tensor)
+        if key not in memo:
+            memo[key] = key in source_ids
+            if not memo[key]:
+                memo[key] = any(depends(t) for t in tensor.op.inputs)
+        return memo[key]
+
+    return depends
+
+
+def _cheap_frontier(targets, carry_ids, depends):
+    """The tensors the carry-dependent `targets` are computed from by cheap ops alone: walk
+    back from each target through `_CHEAP_OPS`, stopping at a carry input or the output of
+    an expensive op. Tensors that do not depend on the carry are recomputed from the step's
+    inputs and weights, so the walk ignores them (as the residuals layout does)."""
+    frontier, seen, pending = [], set(), list(targets)
+    while pending:
+        tensor = pending.pop()
+        if id(tensor) in seen or not depends(tensor):
+            continue
+        seen.add(id(tensor))
+        # An op with control inputs is never recomputed: recomputing it would rerun them.
+        if (id(tensor) in carry_ids or tensor.op.type not in _CHEAP_OPS
+                or tensor.op.control_inputs):
+            frontier.append(tensor)
+        else:
+            pending.extend(tensor.op.inputs)
+    return frontier
+
+
+def _gather_unique(values, unique_index):
+    """The values at their first positions, for a function pruned with `_unique` feeds."""
+    unique = [None] * (max(unique_index) + 1 if values else 0)
+    for value, index in zip(values, unique_index):
+        unique[index] = value
+    return unique
 
 
 def _with_batch(tensor, batch_shape):
@@ -305,21 +434,8 @@ def _unique_index(tensors):
 
 def _dependence(tensors, source_ids):
     """For each tensor: does it depend (through data inputs) on any source tensor?"""
-    memo = {}
-
-    def visit(tensor):
-        key = id(tensor)
-        if key in memo:
-            return memo[key]
-        if key in source_ids:
-            memo[key] = True
-            return True
-        memo[key] = False  # guards cycles (there are none in a forward graph)
-        result = any(visit(t) for t in tensor.op.inputs)
-        memo[key] = result
-        return result
-
-    return {id(t): visit(t) for t in tensors}
+    depends = _depends_on(source_ids)
+    return {id(t): depends(t) for t in tensors}
 
 
 def _pack(tensors, dtype=None):
@@ -373,10 +489,17 @@ class _Tables:
     stores_internal: bool
 
 
-def plan_tables(plan: Plan, hidden_size: int, internal_size: int) -> _Tables:
+def plan_tables(plan: Plan, hidden_size: int, internal_size: int,
+                restore_internal: bool = False) -> _Tables:
     """Splits the op table into the first sweep's per-step stores and the gradient's rows,
-    with element offsets for this cell (vectorized: plans have 10^5 ops at T = 10^4)."""
+    with element offsets for this cell (vectorized: plans have 10^5 ops at T = 10^4).
+
+    With `restore_internal` (internal states that do not begin with ``h_i``: the compact
+    layout), a RESTORE from a slot holding an internal state gets the code
+    `RESTORE_INTERNAL`."""
     table = plan.op_table().astype(np.int64)
+    if restore_internal:
+        table[_restores_from_internal(table), 0] = RESTORE_INTERNAL
     kind, step, slot = table[:, 0], table[:, 1], table[:, 2]
     offset = table[:, 3] * hidden_size + table[:, 4] * internal_size
     is_store = (kind == OpKind.STORE_HIDDEN) | (kind == OpKind.STORE_INTERNAL)
@@ -388,7 +511,8 @@ def plan_tables(plan: Plan, hidden_size: int, internal_size: int) -> _Tables:
     num_forward = plan.num_forward_ops
     forward = slice(0, num_forward)
     allowed = np.isin(kind[forward], [OpKind.ADVANCE, OpKind.STORE_HIDDEN,
-                                       OpKind.STORE_INTERNAL, OpKind.FREE, OpKind.RESTORE])
+                                       OpKind.STORE_INTERNAL, OpKind.FREE, OpKind.RESTORE,
+                                       RESTORE_INTERNAL])
     if not np.all(allowed):
         raise AssertionError("the first sweep holds only advances and stores")
     stores = np.nonzero(is_store[forward])[0]
@@ -414,6 +538,26 @@ def plan_tables(plan: Plan, hidden_size: int, internal_size: int) -> _Tables:
     backward_table = np.concatenate([rows, dx_rows[:, None]], axis=1).astype(np.int32)
     stores_internal = bool(np.any(kind == OpKind.STORE_INTERNAL))
     return _Tables(forward_store, backward_table, capacity, num_slots, stores_internal)
+
+
+# The executor's own op code beside `OpKind`'s: restore the cursor from an internal state.
+RESTORE_INTERNAL = max(int(k) for k in OpKind) + 1
+
+
+def _restores_from_internal(table) -> np.ndarray:
+    """Row indices of the RESTORE ops whose slot holds an internal state."""
+    kind, slot = table[:, 0], table[:, 2]
+    rows = np.nonzero(np.isin(kind, [OpKind.STORE_HIDDEN, OpKind.STORE_INTERNAL,
+                                     OpKind.RESTORE]))[0]
+    holds_internal = {}
+    hits = []
+    for row in rows:  # only stores and restores: a few per step
+        if kind[row] == OpKind.RESTORE:
+            if holds_internal.get(int(slot[row]), False):
+                hits.append(row)
+        else:
+            holds_internal[int(slot[row])] = kind[row] == OpKind.STORE_INTERNAL
+    return np.asarray(hits, np.int64)
 
 
 class _FlatStore:
@@ -526,7 +670,7 @@ def run_planned(program: StepProgram, plan: Plan, xs, masks, carry, weights, ext
     Gradients flow to `xs`, `carry` and `weights` (all tensors; read variables outside).
     """
     num_steps = plan.num_steps
-    tables = plan_tables(plan, program.hidden_size, program.internal_size)
+    tables = plan_tables(plan, program.hidden_size, program.internal_size, program.compact)
     num_carry = len(carry)
     batch = tf.shape(xs)[1]
     store_kind = _FlatStore if in_xla_context() else _SlotStore
@@ -776,13 +920,13 @@ def _backward_sweep(program, tables, store, xs, masks, weights, extras, invarian
                 lambda: program.pack_internal(cursor, working))
             # The read comes after the write (an op is one kind, so it never reads what
             # this iteration wrote): reading first would make XLA copy the buffer.
-            read_kinds = [int(k) for k in (OpKind.RESTORE, OpKind.BACKWARD_STORED)
-                          if k in used_kinds]
+            read_kinds = [int(k) for k in (OpKind.RESTORE, OpKind.BACKWARD_STORED,
+                                           RESTORE_INTERNAL) if k in used_kinds]
             loaded = (store.load_step(stored, kind, offset, read_kinds) if read_kinds
                       else None)
             restored = loaded[:, :hidden_size] if loaded is not None else None
             internal = (loaded[:, :internal_size]
-                        if OpKind.BACKWARD_STORED in used_kinds else None)
+                        if used_kinds & {OpKind.BACKWARD_STORED, RESTORE_INTERNAL} else None)
         else:
             restored = internal = None
 
@@ -790,12 +934,18 @@ def _backward_sweep(program, tables, store, xs, masks, weights, extras, invarian
             flat = restored if flat_store else store.read(stored, slot, offset, hidden_size)
             return pack(stored, program.unpack_hidden(flat), working, d_carry, d_weights)
 
+        def restore_internal():
+            # A compact internal state does not hold h_i: it is recomputed from it.
+            flat = internal if flat_store else store.read(stored, slot, offset, internal_size)
+            carry_i = program.carry_of_internal(flat, x_t, mask_t, weights, extras)
+            return pack(stored, carry_i, working, d_carry, d_weights)
+
         def free():
             return pack(store.free(stored, slot), cursor, working, d_carry, d_weights)
 
         def backward_from(new_carry, residuals):
             dx, d_prev, dw = program.backward(residuals, new_carry, invariants, x_t,
-                                              mask_t, d_out, d_carry, batch)
+                                              mask_t, d_out, d_carry, batch, weights, extras)
             return pack(stored, cursor, working, d_prev,
                         [a + g for a, g in zip(d_weights, dw)], dx)
 
@@ -813,7 +963,7 @@ def _backward_sweep(program, tables, store, xs, masks, weights, extras, invarian
         by_kind = {OpKind.ADVANCE: advance, OpKind.STORE_HIDDEN: store_hidden,
                    OpKind.STORE_INTERNAL: store_internal, OpKind.RESTORE: restore,
                    OpKind.FREE: free, OpKind.BACKWARD_STORED: backward_stored,
-                   OpKind.BACKWARD_CURSOR: backward_cursor}
+                   OpKind.BACKWARD_CURSOR: backward_cursor, RESTORE_INTERNAL: restore_internal}
         # Kinds the plan never uses get a no-op branch: XLA compiles every branch, and
         # e.g. reading an internal state from a buffer sized for hidden states alone would
         # not compile.
