@@ -147,15 +147,17 @@ class MemoryEfficientRNN(keras.layers.RNN):
         flat_states = [tf.convert_to_tensor(s) for s in keras.tree.flatten(initial_state)]
         carries_output = mask is not None and not self.zero_output_for_mask
 
-        xs = tf.transpose(sequences, [1, 0] + list(range(2, len(sequences.shape))))
+        # The executor reads each step's input from the batch-major sequence (no
+        # time-major copy of the whole input); masks are small, so they are made
+        # time-major, in processing order.
+        xs = sequences
         num_steps_static = sequences.shape[1]
         batch = tf.shape(sequences)[0]
         if mask is not None:
             masks = tf.transpose(tf.cast(mask, tf.bool), [1, 0])
         else:
-            masks = tf.ones(tf.stack([tf.shape(xs)[0], batch]), tf.bool)
+            masks = tf.ones(tf.stack([tf.shape(xs)[1], batch]), tf.bool)
         if self.go_backwards:
-            xs = tf.reverse(xs, [0])
             masks = tf.reverse(masks, [0])
 
         weights_vars = list(self.cell.trainable_variables)
@@ -183,10 +185,11 @@ class MemoryEfficientRNN(keras.layers.RNN):
             the_plan = self._make_plan(program, num_steps_static, sequences.shape[0])
             last_output, outputs, carry = executor.run_planned(
                 program, the_plan, xs, masks, carry0, weight_values, extras,
-                self.return_sequences)
+                self.return_sequences, self.go_backwards)
         else:
             last_output, outputs, carry = executor.run_plain(
-                program, xs, masks, carry0, weight_values, extras, self.return_sequences)
+                program, xs, masks, carry0, weight_values, extras, self.return_sequences,
+                self.go_backwards)
         new_states = carry[:len(flat_states)]
         new_states = keras.tree.pack_sequence_as(state_structure, new_states)
         if outputs is None:
@@ -203,7 +206,7 @@ class MemoryEfficientRNN(keras.layers.RNN):
             return tf.TensorSpec([None] + list(t.shape[1:]), t.dtype)
 
         num_other = len(other_vars)
-        x_spec = spec(xs[0])
+        x_spec = spec(xs[:, 0])
         state_specs = [spec(s) for s in flat_states]
         weight_specs = [tf.TensorSpec(w.shape, w.dtype) for w in weight_values]
         # Variable values have fixed shapes; dropout masks have a batch dimension.
