@@ -70,10 +70,10 @@ def test_plan_tables_mark_internal_restores_only_when_compact(strategy):
     assert 0 < from_internal < restores or from_internal == restores > 0
     plain = plan_tables(the_plan, 2, 6)
     compact = plan_tables(the_plan, 2, 6, restore_internal=True)
-    assert not np.any(plain.backward_ops[:, 0] == RESTORE_INTERNAL)
-    marked = int(np.sum(compact.backward_ops[:, 0] == RESTORE_INTERNAL))
+    assert not np.any(plain.moves[:, 0] == RESTORE_INTERNAL)
+    marked = int(np.sum(compact.moves[:, 0] == RESTORE_INTERNAL))
     assert marked == from_internal
-    assert int(np.sum(compact.backward_ops[:, 0] == OpKind.RESTORE)) == restores - marked
+    assert int(np.sum(compact.moves[:, 0] == OpKind.RESTORE)) == restores - marked
 
 
 @pytest.mark.parametrize("mode", ["graph", "eager", "xla"])

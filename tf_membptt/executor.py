@@ -47,11 +47,14 @@ the buffer in place only under the access pattern `_FlatStore` describes.
 The loops
 ---------
 The forward function runs the first sweep (ADVANCE/STORE ops only: one `tf.while_loop` over
-steps with a per-step store table). The gradient function runs the rest of the op table in
-one `tf.while_loop` whose body dispatches on the op kind with `tf.switch_case`. Graph size
-and trace time therefore do not depend on ``T``; the op table is a constant tensor. Weight
-gradients are accumulated in the loop carry (never held per step). Both loops set
-`maximum_iterations`, which XLA needs.
+steps with a per-step store table). The gradient function runs the rest of the op table as
+one `tf.while_loop` over the T backward ops; each iteration first runs, in an inner loop
+that dispatches on the op kind with `tf.switch_case`, the advances, stores, restores and
+frees the plan makes before that backward. The weight-gradient sums and the carry gradient
+thus never pass through a conditional (under XLA that copied them on every op, measured).
+Graph size and trace time do not depend on ``T``; the op tables are constant tensors. Weight
+gradients are accumulated in the loop carry (never held per step), one iteration at a time.
+All loops set `maximum_iterations`, which XLA needs.
 """
 
 from __future__ import annotations
@@ -493,7 +496,10 @@ class _Tables:
     """The plan as constant tables for the loops (numpy, made once per plan)."""
 
     forward_store: np.ndarray  # per step: kind (0 none, 1 hidden, 2 internal), slot, offset
-    backward_ops: np.ndarray  # rows: kind, step, slot, offset, dx_row (FREE rows kept)
+    moves: np.ndarray  # the gradient's other ops, in order; rows: kind, step, slot, offset
+    # The gradient's backward ops, in order (steps T..1); rows: kind, step, slot, offset,
+    # and the range [first, end) of `moves` rows that run before it.
+    backwards: np.ndarray
     capacity: int  # elements per batch row of the flat buffer: the plan's peak
     num_slots: int  # stack depth of the slot list: the most states held at once
     stores_internal: bool
@@ -539,15 +545,17 @@ def plan_tables(plan: Plan, hidden_size: int, internal_size: int,
     # Ops after the last backward only free slots: nothing is left to do.
     last = np.nonzero(is_backward)[0][-1]
     rows, is_backward = rows[:last + 1], is_backward[:last + 1]
-    # Each iteration of the backward loop writes one row of the input gradient (XLA cannot
-    # take the TensorArray through the op switch). A backward op writes its own step's row;
-    # any other op writes zeros to the row of the next backward op, which overwrites it.
-    positions = np.where(is_backward, np.arange(len(rows)), len(rows))
-    next_backward = np.minimum.accumulate(positions[::-1])[::-1]
-    dx_rows = rows[next_backward, 1] - 1
-    backward_table = np.concatenate([rows, dx_rows[:, None]], axis=1).astype(np.int32)
+    positions = np.nonzero(is_backward)[0]
+    if not np.array_equal(rows[positions, 1], np.arange(plan.num_steps, 0, -1)):
+        raise AssertionError("the gradient runs each step's backward once, T down to 1")
+    # The gradient loop runs one backward per iteration, after the moves since the last.
+    moves_before = positions - np.arange(len(positions))
+    first = np.concatenate([[0], moves_before[:-1]])
+    backwards = np.concatenate([rows[positions], first[:, None], moves_before[:, None]],
+                               axis=1).astype(np.int32)
+    moves = rows[~is_backward].astype(np.int32)
     stores_internal = bool(np.any(kind == OpKind.STORE_INTERNAL))
-    return _Tables(forward_store, backward_table, capacity, num_slots, stores_internal)
+    return _Tables(forward_store, moves, backwards, capacity, num_slots, stores_internal)
 
 
 # The executor's own op code beside `OpKind`'s: restore the cursor from an internal state.
@@ -867,13 +875,22 @@ def _forward_sweep(program, tables, store, xs, masks, carry0, weights, extras, b
 def _backward_sweep(program, tables, store, xs, masks, weights, extras, invariants, stored,
                     final_carry, residuals_last, d_final_carry, d_outputs, d_last, batch,
                     num_steps, needs_input_grad, go_backwards):
-    used_kinds = set(int(k) for k in np.unique(tables.backward_ops[:, 0]))
-    ops_table = tf.constant(tables.backward_ops)
-    num_ops = int(tables.backward_ops.shape[0])
+    """The gradient: one iteration per step's backward (T down to 1), each first running
+    the moves the plan makes before it (advances, stores, restores, frees) in an inner loop.
+
+    Only the inner loop dispatches on op kinds, and it carries only the cursor, the working
+    internal state and the store: the weight-gradient sums and the carry gradient never pass
+    through a conditional, which under XLA copied them on every op (measured)."""
+    move_kinds = set(int(k) for k in np.unique(tables.moves[:, 0]))
+    backward_kinds = set(int(k) for k in np.unique(tables.backwards[:, 0]))
+    moves_table = tf.constant(tables.moves if len(tables.moves)
+                              else np.zeros((1, 4), np.int32))
+    backwards_table = tf.constant(tables.backwards)
+    runs = tables.backwards[:, 5] - tables.backwards[:, 4]
+    longest_run = int(np.max(runs)) if len(runs) else 0
     hidden_size, internal_size = program.hidden_size, program.internal_size
     output_spec = program.output_spec
     zero_output = tf.zeros(tf.concat([[batch], output_spec.shape[1:]], 0), output_spec.dtype)
-    zero_dx = tf.zeros_like(xs[:, 0])
     no_buffer = tf.zeros([], tf.int32)
     flat_store = isinstance(store, _FlatStore)
     d_weights0 = [tf.zeros_like(w) for w in weights]
@@ -882,132 +899,150 @@ def _backward_sweep(program, tables, store, xs, masks, weights, extras, invarian
     num_carry, num_res = len(final_carry), len(residuals_last)
     d_carry0 = [tf.zeros_like(c) if d is None else d for c, d in zip(final_carry, d_final_carry)]
 
-    def unpack_vars(loop_vars):
-        cursor = list(loop_vars[:num_carry])
-        working = list(loop_vars[num_carry:num_carry + num_res])
-        d_carry = list(loop_vars[num_carry + num_res:2 * num_carry + num_res])
-        d_weights = list(loop_vars[2 * num_carry + num_res:])
-        return cursor, working, d_carry, d_weights
+    def step_inputs(step):
+        # Per-step slices are taken outside any switch, so that branches capture one step's
+        # tensors rather than whole sequences (XLA passes captures as operands).
+        t = tf.maximum(step - 1, 0)
+        return _step_input(xs, t, num_steps, go_backwards), masks[t]
 
-    def body(i, stored, dxs_ta, *loop_vars):
-        cursor, working, d_carry, d_weights = unpack_vars(loop_vars)
-        row = ops_table[i]
-        kind, step, slot, offset, dx_row = row[0], row[1], row[2], row[3], row[4]
-        t = step - 1
-        # Per-step slices are taken here, outside the switch, so that the branches capture
-        # one step's tensors rather than whole sequences (XLA passes captures as operands).
-        t_valid = tf.maximum(t, 0)
-        x_t = _step_input(xs, t_valid, num_steps, go_backwards)
-        mask_t = masks[t_valid]
-        if d_outputs is not None:
-            d_out = d_outputs[t_valid]
-        else:
-            d_out = tf.where(tf.equal(step, num_steps), d_last, zero_output)
+    def move(i, stored, *state):
+        cursor, working = list(state[:num_carry]), list(state[num_carry:])
+        row = moves_table[i]
+        kind, step, slot, offset = row[0], row[1], row[2], row[3]
+        # ADVANCE evaluates `step`; RESTORE_INTERNAL restarts from the state of `step`.
+        x_t, mask_t = step_inputs(step)
 
-        # Every branch returns the whole state plus dx, written after the switch to row
-        # dx_row of the input gradient (see plan_tables).
-        def pack(stored, cursor, working, d_carry, d_weights, dx=zero_dx):
+        def pack(stored, cursor, working):
             if flat_store:
                 stored = no_buffer  # the buffer stays outside the switch
-            return ((stored, dx) + tuple(cursor) + tuple(working) + tuple(d_carry)
-                    + tuple(d_weights))
+            return (stored,) + tuple(cursor) + tuple(working)
 
         def advance():
             _, new_carry, res = program.forward(x_t, mask_t, cursor, weights, extras)
-            return pack(stored, new_carry, res, d_carry, d_weights)
+            return pack(stored, new_carry, res)
 
         def store_hidden():
             if flat_store:  # written above
-                return pack(stored, cursor, working, d_carry, d_weights)
+                return pack(stored, cursor, working)
             return pack(store.write(stored, slot, offset, program.pack_hidden(cursor)),
-                        cursor, working, d_carry, d_weights)
+                        cursor, working)
 
         def store_internal():
             if flat_store:  # written above
-                return pack(stored, cursor, working, d_carry, d_weights)
+                return pack(stored, cursor, working)
             return pack(store.write(stored, slot, offset,
-                                    program.pack_internal(cursor, working)),
-                        cursor, working, d_carry, d_weights)
+                                    program.pack_internal(cursor, working)), cursor, working)
 
         if flat_store:
             # Under XLA the buffer stays out of the switch below (see _FlatStore):
             # reads happen before it, writes after it.
             stored = store.store_step(
                 stored, kind, offset,
-                int(OpKind.STORE_HIDDEN) if OpKind.STORE_HIDDEN in used_kinds else None,
-                int(OpKind.STORE_INTERNAL) if OpKind.STORE_INTERNAL in used_kinds else None,
+                int(OpKind.STORE_HIDDEN) if OpKind.STORE_HIDDEN in move_kinds else None,
+                int(OpKind.STORE_INTERNAL) if OpKind.STORE_INTERNAL in move_kinds else None,
                 lambda: program.pack_hidden(cursor),
                 lambda: program.pack_internal(cursor, working))
             # The read comes after the write (an op is one kind, so it never reads what
             # this iteration wrote): reading first would make XLA copy the buffer.
-            read_kinds = [int(k) for k in (OpKind.RESTORE, OpKind.BACKWARD_STORED,
-                                           RESTORE_INTERNAL) if k in used_kinds]
+            read_kinds = [k for k in (int(OpKind.RESTORE), RESTORE_INTERNAL)
+                          if k in move_kinds]
             loaded = (store.load_step(stored, kind, offset, read_kinds) if read_kinds
                       else None)
             restored = loaded[:, :hidden_size] if loaded is not None else None
-            internal = (loaded[:, :internal_size]
-                        if used_kinds & {OpKind.BACKWARD_STORED, RESTORE_INTERNAL} else None)
+            internal = (loaded[:, :internal_size] if RESTORE_INTERNAL in move_kinds
+                        else None)
         else:
             restored = internal = None
 
         def restore():
             flat = restored if flat_store else store.read(stored, slot, offset, hidden_size)
-            return pack(stored, program.unpack_hidden(flat), working, d_carry, d_weights)
+            return pack(stored, program.unpack_hidden(flat), working)
 
         def restore_internal():
             # A compact internal state does not hold h_i: it is recomputed from it.
             flat = internal if flat_store else store.read(stored, slot, offset, internal_size)
-            carry_i = program.carry_of_internal(flat, x_t, mask_t, weights, extras)
-            return pack(stored, carry_i, working, d_carry, d_weights)
+            return pack(stored, program.carry_of_internal(flat, x_t, mask_t, weights, extras),
+                        working)
 
         def free():
-            return pack(store.free(stored, slot), cursor, working, d_carry, d_weights)
-
-        def backward_from(new_carry, residuals):
-            dx, d_prev, dw = program.backward(residuals, new_carry, invariants, x_t,
-                                              mask_t, d_out, d_carry, batch, weights, extras)
-            return pack(stored, cursor, working, d_prev,
-                        [a + g for a, g in zip(d_weights, dw)], dx)
-
-        def backward_stored():
-            flat = internal if flat_store else store.read(stored, slot, offset, internal_size)
-            carry_i, residuals = program.unpack_internal(flat)
-            return backward_from(carry_i, residuals)
-
-        def backward_cursor():
-            return backward_from(cursor, working)
+            return pack(store.free(stored, slot), cursor, working)
 
         def unused():
-            return pack(stored, cursor, working, d_carry, d_weights)
+            return pack(stored, cursor, working)
 
         by_kind = {OpKind.ADVANCE: advance, OpKind.STORE_HIDDEN: store_hidden,
                    OpKind.STORE_INTERNAL: store_internal, OpKind.RESTORE: restore,
-                   OpKind.FREE: free, OpKind.BACKWARD_STORED: backward_stored,
-                   OpKind.BACKWARD_CURSOR: backward_cursor, RESTORE_INTERNAL: restore_internal}
+                   OpKind.FREE: free, RESTORE_INTERNAL: restore_internal}
         # Kinds the plan never uses get a no-op branch: XLA compiles every branch, and
         # e.g. reading an internal state from a buffer sized for hidden states alone would
         # not compile.
-        result = tf.switch_case(kind, [by_kind[k] if k in used_kinds else unused
-                                       for k in sorted(by_kind)])
-        dx = result[1]
+        result = tf.switch_case(kind, [by_kind[k] if k in move_kinds and k in by_kind
+                                       else unused for k in range(RESTORE_INTERNAL + 1)])
         if not flat_store:
             stored = result[0]
+        return (i + 1, stored) + tuple(result[1:])
+
+    def body(j, stored, dxs_ta, *loop_vars):
+        cursor = list(loop_vars[:num_carry])
+        working = list(loop_vars[num_carry:num_carry + num_res])
+        d_carry = list(loop_vars[num_carry + num_res:2 * num_carry + num_res])
+        d_weights = list(loop_vars[2 * num_carry + num_res:])
+        row = backwards_table[j]
+        kind, step, slot, offset, first, end = (row[0], row[1], row[2], row[3], row[4],
+                                                row[5])
+        if longest_run:
+            moved = tf.while_loop(lambda i, *_: i < end, move,
+                                  (first, stored) + tuple(cursor) + tuple(working),
+                                  maximum_iterations=longest_run, parallel_iterations=1)
+            stored = moved[1]
+            cursor = list(moved[2:2 + num_carry])
+            working = list(moved[2 + num_carry:])
+        x_t, mask_t = step_inputs(step)
+        if d_outputs is not None:
+            d_out = d_outputs[step - 1]
+        else:
+            d_out = tf.where(tf.equal(step, num_steps), d_last, zero_output)
+
+        # The backward of `step`, from its stored internal state or from the cursor's.
+        new_carry, residuals = cursor, working
+        if OpKind.BACKWARD_STORED in backward_kinds:
+            from_store = tf.equal(kind, int(OpKind.BACKWARD_STORED))
+            if flat_store:  # read after the moves' writes, unconditionally (see _FlatStore)
+                flat = store.read(stored, None, tf.where(from_store, offset, 0), internal_size)
+                carry_i, res_i = program.unpack_internal(flat)
+                residuals = [tf.where(from_store, a, b) for a, b in zip(res_i, working)]
+                if carry_i is not None:
+                    new_carry = [tf.where(from_store, a, b) for a, b in zip(carry_i, cursor)]
+            else:
+                def stored_state():
+                    carry_i, res_i = program.unpack_internal(
+                        store.read(stored, slot, offset, internal_size))
+                    return tuple(carry_i if carry_i is not None else cursor) + tuple(res_i)
+
+                chosen = tf.cond(from_store, stored_state,
+                                 lambda: tuple(cursor) + tuple(working))
+                new_carry, residuals = list(chosen[:num_carry]), list(chosen[num_carry:])
+        dx, d_prev, dw = program.backward(residuals, new_carry, invariants, x_t, mask_t,
+                                          d_out, d_carry, batch, weights, extras)
+        d_weights = [a + g for a, g in zip(d_weights, dw)]
         if needs_input_grad:
-            dxs_ta = dxs_ta.write(dx_row, dx)
-        return (i + 1, stored, dxs_ta) + tuple(result[2:])
+            dxs_ta = dxs_ta.write(step - 1, dx)
+        return ((j + 1, stored, dxs_ta) + tuple(cursor) + tuple(working) + tuple(d_prev)
+                + tuple(d_weights))
 
     init = ((tf.constant(0), stored, dxs_ta) + tuple(final_carry) + tuple(residuals_last)
             + tuple(d_carry0) + tuple(d_weights0))
     # One iteration at a time: with TensorFlow's default of 10 in flight, the weight
     # gradients of later backward steps are computed ahead of the running sum and held at
     # once (measured: 11 copies of dW at the peak instead of 2).
-    result = tf.while_loop(lambda i, *_: i < num_ops, body, init, maximum_iterations=num_ops,
-                           parallel_iterations=1)
+    result = tf.while_loop(lambda j, *_: j < num_steps, body, init,
+                           maximum_iterations=num_steps, parallel_iterations=1)
     dxs = None
     if needs_input_grad:  # rows are in processing order; the input is batch-major
         dxs = result[2].stack()
         if go_backwards:
             dxs = tf.reverse(dxs, [0])
         dxs = tf.transpose(dxs, [1, 0] + list(range(2, len(dxs.shape))))
-    _, _, d_carry, d_weights = unpack_vars(result[3:])
+    d_carry = list(result[3 + num_carry + num_res:3 + 2 * num_carry + num_res])
+    d_weights = list(result[3 + 2 * num_carry + num_res:])
     return dxs, d_carry, d_weights
