@@ -25,21 +25,32 @@ Metrics, per (mode, T):
 * activation memory: the CPU BFC allocator's peak during one step minus the bytes in use
   just before it (``TF_CPU_ALLOCATOR_USE_BFC=true`` is set before TensorFlow is imported;
   ``reset_memory_stats`` just before the step). Measured on every timed step; the median
-  is reported. It includes everything the step allocates: the returned weight gradients,
-  the time-major copy of the input, the input-gradient buffer, the working set.
+  is reported. It includes everything the step allocates: the returned weight gradients
+  (the step watches the variables only: no input gradient is built), the working set.
 * step time: median over ``rounds`` alternated runs after one warm-up step per method
   (each round runs every method once, in a rotated order).
 * both as ratios to standard BPTT from the same run, next to the plan's predictions:
-  predicted memory = ``plan.peak_memory`` x hidden-state bytes (+ estimated constant
-  overheads, reported separately), predicted time = ``plan.time_ratio()``.
+  predicted memory = ``plan.peak_memory`` x hidden-state bytes (the stored states) +
+  estimated constant overheads (weight gradients, one step's working set; listed under
+  each table), predicted time = ``plan.time_ratio(beta)``.
+* beta, the cost of a backward step in forward steps, measured in the same run: a
+  forward-only step of standard BPTT's layer (``tf.reduce_sum(layer(x, training=True))``
+  in a ``tf.function`` of the same mode, no tape) is timed in the same alternated rounds;
+  ``beta = (median full step - median forward) / median forward``. Predicted times are
+  reported with ``beta = 2`` (the paper's convention) and with the measured beta (the
+  recompute baseline: ``(2 + beta) / (1 + beta)``, 4/3 at beta = 2).
 
 Time budget: the default run must fit in 30 minutes on 2 cores. The script measures the
-warm-up step of standard BPTT first and estimates every method's cost from it (the plan's
-predicted time ratio); methods (lowest priority first) and whole configurations are
-skipped with a recorded reason when they would exceed ``--time-budget``. Long sequences
-(``T >= 5000``) run only ``bptt``, ``recompute`` and ``msm`` at 5%, with
-``--long-rounds`` rounds; a configuration whose standard BPTT would not fit in the
-available RAM is skipped.
+warm-up step of standard BPTT first and estimates every method's cost from it (a guessed
+time ratio); methods (lowest priority first) and whole configurations are skipped with a
+recorded reason when they would exceed ``--time-budget``. Long sequences (``T >= 5000``)
+run only ``bptt``, ``msm`` at 5% and ``recompute`` (in that order), with
+``--long-rounds`` rounds. The long configurations of the first mode (graph) run right
+after the first (cheap, calibrating) configuration, before the other modes' and shorter
+ones, so that they get the time they need; the tables list the configurations in the
+usual order. A configuration whose standard BPTT would not fit in the available RAM
+(estimated from the BPTT memory measured at a shorter length in the same mode) is
+skipped.
 
 Writes ``<out-dir>/bptt.json`` (all numbers), ``<out-dir>/bptt.png`` (memory-time plane,
 one panel per mode and length) and ``<out-dir>/bptt.md`` (tables, machine description).
@@ -80,6 +91,16 @@ from tf_membptt import MemoryEfficientRNN  # noqa: E402
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 GRAD_RTOL = 1e-4
 LONG_T = 5000           # from this length on, only the core methods run
+ALPHA_FALLBACK = 3.0    # LSTM's compact internal state, in hidden states (h, c), until a
+                        # MemoryEfficientRNN layer has measured it (`layer.step_alpha`)
+# Guesses for the time budget (the measured steps replace them as they come):
+EST_RATIO = {            # step time / standard BPTT's, per mode and strategy
+    "graph": {"msm": 1.35, "hsm": 1.6, "ism": 1.5},
+    "xla": {"msm": 1.8, "hsm": 2.0, "ism": 1.8},
+}
+FORWARD_RATIO_GUESS = 0.45          # forward-only step / standard BPTT step
+TRACE_PER_SEGMENT = {"graph": 0.6, "xla": 1.2}   # s to trace one recompute segment
+XLA_BPTT_STATES_PER_STEP = 40.0     # XLA's BPTT keeps ~35 hidden states per step (seen)
 PAPER_HEADLINE = (5.0, 1.33)   # Gruslys et al. 2016: 5% of BPTT's memory, 1.33x time
 
 
@@ -191,14 +212,37 @@ class Method:
 
     def run(self, x):
         """One synchronous training step: (seconds, activation bytes, gradients)."""
-        before = tf.config.experimental.get_memory_info("CPU:0")["current"]
-        tf.config.experimental.reset_memory_stats("CPU:0")
-        t0 = time.perf_counter()
-        grads = self.step(x)
-        grads = [g.numpy() for g in grads]
-        seconds = time.perf_counter() - t0
-        peak = tf.config.experimental.get_memory_info("CPU:0")["peak"] - before
-        return seconds, int(peak), grads
+        return timed_run(lambda: [g.numpy() for g in self.step(x)])
+
+
+class ForwardOnly:
+    """The forward pass of standard BPTT's layer alone (no tape), in the same mode: with
+    the full step it gives beta, the cost of a backward step in forward steps."""
+
+    name = "bptt forward"
+
+    def __init__(self, layer, mode):
+        @tf.function(jit_compile=(mode == "xla"))
+        def forward(xt):
+            return tf.reduce_sum(layer(xt, training=True))
+
+        self.step = forward
+        self.times, self.peaks = [], []
+        self.warmup_s = None
+
+    def run(self, x):
+        return timed_run(lambda: self.step(x).numpy())
+
+
+def timed_run(fn):
+    """Runs fn() synchronously: (seconds, activation bytes, its result)."""
+    before = tf.config.experimental.get_memory_info("CPU:0")["current"]
+    tf.config.experimental.reset_memory_stats("CPU:0")
+    t0 = time.perf_counter()
+    value = fn()
+    seconds = time.perf_counter() - t0
+    peak = tf.config.experimental.get_memory_info("CPU:0")["peak"] - before
+    return seconds, int(peak), value
 
 
 def grad_rel_err(grads, ref):
@@ -213,25 +257,33 @@ def hidden_bytes(args):
     return 2 * args.units * args.batch * 4          # LSTM: h and c, float32
 
 
-def overheads(args, num_steps, alpha):
-    """Estimated constant (budget-independent) parts of a step's activation memory."""
-    u, b, f = args.units, args.batch, args.features
+def overheads(args, alpha):
+    """Estimated constant (budget- and length-independent) parts of a step's activation
+    memory, in bytes. The executor reads each step's input from the batch-major input (no
+    time-major copy), and the benchmark's step watches the variables only (no input
+    gradient), so neither appears."""
+    u, f = args.units, args.features
     params = 4 * u * (f + u) + 4 * u                # kernel, recurrent kernel, bias
     return {
-        "time_major_input": b * num_steps * f * 4,  # tf.transpose of the input
-        "input_gradient": b * num_steps * f * 4,    # d(inputs), time-major
-        "weight_gradients": 2 * params * 4,         # accumulator in the loop + result
-        "working_set": int(round(3 * alpha * hidden_bytes(args))),  # ~3 steps' tensors
+        # The backward loop runs one iteration at a time: the running sum of the weight
+        # gradients (returned at the end) plus the gradient of the step being processed.
+        "weight_gradients": 2 * params * 4,
+        # One step's tensors: its internal state (alpha hidden states, recomputed or
+        # restored) and the backward step's temporaries of about the same size (the
+        # gradients of the gates and of h, c).
+        "working_set": int(round(2 * alpha * hidden_bytes(args))),
     }
 
 
-def predicted_time_ratio(method):
-    layer = method.layer
+def predicted_time_ratio(method, beta=2.0):
+    """Predicted step time / standard BPTT's, a backward step costing `beta` forward ones."""
+    beta = max(float(beta), 0.0)
     if method.name == "bptt":
         return 1.0
     if method.name.startswith("recompute"):
-        return 4.0 / 3.0                             # 2T forward evals + 2T backward
-    return layer.last_plan.time_ratio()
+        # 2T forward evaluations + T backward steps, vs T forward + T backward.
+        return (2.0 + beta) / (1.0 + beta)
+    return method.layer.last_plan.time_ratio(beta)
 
 
 # --------------------------------------------------------------------------------------
@@ -260,19 +312,56 @@ def log(msg):
     print(f"[{datetime.datetime.now():%H:%M:%S}] {msg}", flush=True)
 
 
-def run_config(args, mode, num_steps, rounds, clock, reserve_s, known_alpha):
-    """Runs one (mode, T); returns its result dict."""
+def bptt_bytes_estimate(args, mode, num_steps, known_alpha, bytes_per_step):
+    """Standard BPTT's activation bytes at this length: from the bytes per step measured at
+    a shorter length in this mode when there is one, else a guess."""
+    if bytes_per_step:
+        return bytes_per_step * num_steps * 1.1
+    states = (XLA_BPTT_STATES_PER_STEP if mode == "xla"
+              else 2.0 * (known_alpha or ALPHA_FALLBACK))        # keras RNN keeps more
+    return states * num_steps * hidden_bytes(args)
+
+
+def ram_skip_reason(args, mode, num_steps, known_alpha, bytes_per_step):
+    need = bptt_bytes_estimate(args, mode, num_steps, known_alpha, bytes_per_step)
+    ram = available_ram_bytes()
+    if ram is not None and need > 0.6 * ram:
+        how = "measured per step at a shorter length" if bytes_per_step else "guessed"
+        return (f"standard BPTT would need ~{need / 2**30:.1f} GiB ({how}); "
+                f"{ram / 2**30:.1f} GiB available")
+    return None
+
+
+def config_need_s(args, mode, num_steps, rate, core=True, recompute=True):
+    """Estimated seconds for a configuration: standard BPTT and its forward-only step,
+    plus (core) msm 5% and (recompute) the recompute baseline; each warm-up + rounds
+    steps, + trace/compile times."""
+    rounds = args.long_rounds if num_steps >= LONG_T else args.rounds
+    trace_one = 2.0 if mode == "graph" else 6.0
+    ratio = 1.0 + FORWARD_RATIO_GUESS
+    trace = 2 * trace_one
+    if core:
+        ratio += EST_RATIO[mode]["msm"]
+        trace += trace_one
+        if recompute:
+            ratio += 4.0 / 3.0
+            trace += trace_one + TRACE_PER_SEGMENT[mode] * recompute_segments(num_steps)
+    return rate * num_steps * ratio * (rounds + 1) + trace
+
+
+def run_config(args, mode, num_steps, rounds, clock, reserve_s, known_alpha,
+               bytes_per_step=None):
+    """Runs one (mode, T); returns its result dict. `reserve_s`: seconds to keep for the
+    later configurations, or a function of this mode's measured BPTT seconds per timestep
+    returning them (when no rate was known before this configuration)."""
     result = {"mode": mode, "T": num_steps, "rounds": rounds, "methods": [], "skipped": []}
     rng = np.random.default_rng(args.seed)
     x = tf.constant(rng.standard_normal((args.batch, num_steps, args.features),
                                         dtype=np.float32))
     hb = hidden_bytes(args)
-    alpha_guess = known_alpha or 4.5
-    bptt_bytes_guess = alpha_guess * num_steps * hb * 2.0   # keras RNN keeps more
-    ram = available_ram_bytes()
-    if ram is not None and bptt_bytes_guess > 0.6 * ram:
-        result["skip_reason"] = (f"standard BPTT would need ~{bptt_bytes_guess / 2**30:.1f} "
-                                 f"GiB; {ram / 2**30:.1f} GiB available")
+    reason = ram_skip_reason(args, mode, num_steps, known_alpha, bytes_per_step)
+    if reason:
+        result["skip_reason"] = reason
         return result
 
     specs = method_list(num_steps)
@@ -292,7 +381,19 @@ def run_config(args, mode, num_steps, rounds, clock, reserve_s, known_alpha):
     t_ref = sec
     compile_s = max(ref.warmup_s - sec, 0.0)
     result["bptt_step_estimate_s"] = t_ref
+    result["bptt_bytes_estimate"] = peak
     log(f"  bptt step {t_ref:.3f} s (trace/compile {compile_s:.1f} s)")
+    if callable(reserve_s):
+        reserve_s = reserve_s(t_ref / num_steps)
+        log(f"  {reserve_s:.0f} s kept for later configurations")
+
+    # The forward-only step of the same layer (for beta): always run with bptt.
+    fwd = ForwardOnly(ref.layer, mode)
+    t0 = time.perf_counter()
+    fwd.run(x)
+    fwd.warmup_s = time.perf_counter() - t0
+    fwd_est = min(fwd.warmup_s, t_ref)      # the warm-up includes the trace
+    log(f"  warm-up bptt forward: {fwd.warmup_s:.2f} s")
 
     # Choose the methods that fit. Before a method's warm-up its cost is estimated from
     # the BPTT step (x a guessed time ratio) plus a trace/compile time learned so far;
@@ -301,17 +402,17 @@ def run_config(args, mode, num_steps, rounds, clock, reserve_s, known_alpha):
         return clock.left() - reserve_s
 
     trace_s = max(compile_s, 2.0)
-    trace_per_segment = 2.0 if mode == "graph" else 3.0   # tracing one keras RNN
     slow = None                             # (seen / predicted step time, its budget)
     methods = [ref]
-    committed = t_ref * (rounds - 1)        # timed steps still to run, accepted methods
+    # Timed steps still to run for the accepted methods (bptt: its first is done).
+    committed = t_ref * (rounds - 1) + fwd_est * rounds
     for name, strategy, budget in specs[1:]:
         recompute = name.startswith("recompute")
-        est_ratio = 4.0 / 3.0 if recompute else {"msm": 1.35, "hsm": 1.6, "ism": 1.5}[strategy]
+        est_ratio = 4.0 / 3.0 if recompute else EST_RATIO[mode][strategy]
         est_step = t_ref * est_ratio
         if not recompute and slow is not None:
-            # Seen slower than predicted (e.g. under XLA): scale by what was seen, and by
-            # the budget when that slowdown is large (time growing with the store size).
+            # Seen slower than predicted: scale by what was seen, and by the budget when
+            # that slowdown is large (time growing with the store size).
             factor, seen_budget = slow
             est_step *= factor * (max(1.0, budget / seen_budget) if factor > 2 else 1.0)
         if est_step > args.max_step_s:
@@ -320,8 +421,8 @@ def run_config(args, mode, num_steps, rounds, clock, reserve_s, known_alpha):
                 f"over --max-step-s {args.max_step_s:g}")})
             log(f"  skip {name}: {result['skipped'][-1]['reason']}")
             continue
-        est_trace = trace_per_segment * recompute_segments(num_steps) if recompute \
-            else trace_s
+        est_trace = (TRACE_PER_SEGMENT[mode] * recompute_segments(num_steps) + trace_s
+                     if recompute else trace_s)
         need = est_trace + est_step * (rounds + 1)
         if committed + need > left():
             result["skipped"].append({"method": name, "reason": (
@@ -357,10 +458,12 @@ def run_config(args, mode, num_steps, rounds, clock, reserve_s, known_alpha):
         committed += step_est * rounds
         methods.append(m)
 
-    # Alternated rounds (rotated order), memory measured on every step.
+    # Alternated rounds (rotated order, the forward-only step of bptt among them),
+    # memory measured on every step.
+    rotation = methods[:1] + [fwd] + methods[1:]
     for r in range(rounds):
-        k = r % len(methods)
-        order = methods[k:] + methods[:k]
+        k = r % len(rotation)
+        order = rotation[k:] + rotation[:k]
         for m in order:
             if m is ref and r == 0:
                 continue            # its second step above is its first timed run
@@ -375,6 +478,16 @@ def run_config(args, mode, num_steps, rounds, clock, reserve_s, known_alpha):
             break
     bptt_time = statistics.median(ref.times)
     bptt_mem = statistics.median(ref.peaks)
+    fwd_time = statistics.median(fwd.times)
+    beta = (bptt_time - fwd_time) / fwd_time
+    result["bptt_forward"] = {
+        "warmup_s": fwd.warmup_s, "times_s": fwd.times, "peaks_bytes": fwd.peaks,
+        "median_time_s": fwd_time, "activation_bytes": int(statistics.median(fwd.peaks))}
+    result["beta_measured"] = beta
+    if beta < 0:
+        log(f"  measured beta {beta:.3f} < 0 (noise): predictions use beta = 0")
+    log(f"  beta (backward step / forward step) measured: {beta:.3f}")
+    a = known_alpha or ALPHA_FALLBACK
     for m in methods:
         entry = {
             "method": m.name, "strategy": m.strategy, "budget": m.budget,
@@ -386,34 +499,37 @@ def run_config(args, mode, num_steps, rounds, clock, reserve_s, known_alpha):
         }
         entry["time_ratio"] = entry["median_time_s"] / bptt_time
         entry["memory_ratio"] = entry["activation_bytes"] / bptt_mem
-        entry["predicted_time_ratio"] = predicted_time_ratio(m)
+        entry["predicted_time_ratio"] = predicted_time_ratio(m)               # beta = 2
+        entry["predicted_time_ratio_measured_beta"] = predicted_time_ratio(m, beta)
+        entry["time_vs_predicted_measured_beta"] = (
+            entry["time_ratio"] / entry["predicted_time_ratio_measured_beta"])
+        entry["stored_states_vs_bptt"] = None
         if isinstance(m.layer, MemoryEfficientRNN):
             plan = m.layer.last_plan
-            alpha = m.layer.step_alpha
             entry.update(
                 plan=plan.describe(), plan_memory_slots=plan.memory_slots,
                 plan_peak_slots=plan.peak_memory, plan_alpha=plan.alpha,
-                step_alpha=alpha, forward_evals=plan.forward_evals,
+                step_alpha=m.layer.step_alpha, forward_evals=plan.forward_evals,
                 forward_evals_per_step=plan.forward_evals_per_step,
                 predicted_state_bytes=int(round(plan.peak_memory * hb)),
                 predicted_memory_fraction=plan.memory_fraction)
+            # The plan's stored states against the activation memory BPTT measured.
+            entry["stored_states_vs_bptt"] = entry["predicted_state_bytes"] / bptt_mem
         elif m.name.startswith("recompute"):
             segs = recompute_segments(num_steps)
             seg_len = math.ceil(num_steps / segs)
-            a = known_alpha or 4.5
             entry.update(segments=segs, predicted_state_bytes=int(round(
                 (segs + a * seg_len) * hb)))
         else:
-            a = known_alpha or 4.5
             entry.update(predicted_state_bytes=int(round(a * num_steps * hb)))
         result["methods"].append(entry)
-    a = known_alpha or 4.5
-    ov = overheads(args, num_steps, a)
+    ov = overheads(args, a)
     result["overheads_estimate_bytes"] = ov
     result["alpha"] = a
     result["hidden_state_bytes"] = hb
     for e in result["methods"]:
         e["predicted_total_bytes"] = e["predicted_state_bytes"] + sum(ov.values())
+        e["measured_vs_predicted_total"] = e["activation_bytes"] / e["predicted_total_bytes"]
         e["measured_minus_predicted_states_bytes"] = (e["activation_bytes"]
                                                       - e["predicted_state_bytes"])
     return result
@@ -449,7 +565,7 @@ def machine():
 
 
 def mib(b):
-    return f"{b / 2**20:.1f}"
+    return f"{b / 2**20:.1f}" if abs(b) >= 10 * 2**20 else f"{b / 2**20:.2f}"
 
 
 def write_markdown(path, data):
@@ -464,10 +580,16 @@ def write_markdown(path, data):
         "a `tf.function` (graph) or `tf.function(jit_compile=True)` (xla). Memory: CPU BFC "
         "allocator peak during the step minus bytes in use before it (median over the "
         "timed steps). Time: median over alternated rounds after one warm-up step per "
-        "method. Ratios are to standard BPTT measured in the same run. Predicted memory = "
-        "plan peak (hidden-state slots) x hidden-state bytes; the constant overheads "
-        "(estimated) are listed under each table. Predicted time = `plan.time_ratio()` "
-        "(a backward step = 2 forward steps); the recompute baseline is predicted at 4/3.",
+        "method. Ratios are to standard BPTT measured in the same run. Predicted states = "
+        "plan peak (hidden-state slots) x hidden-state bytes; *stored states vs BPTT* = "
+        "those bytes / the activation memory BPTT measured; predicted total = predicted "
+        "states + the estimated constant overheads listed under each table (weight "
+        "gradients, one step's working set). Predicted time = `plan.time_ratio(beta)`, "
+        "a backward step costing beta forward steps: beta = 2 (the paper's convention) and "
+        "beta measured in the same run, (median BPTT step - median forward-only step) / "
+        "median forward-only step, the forward-only step (`reduce_sum(layer(x))` of the "
+        "BPTT layer without a tape, same mode) timed in the same alternated rounds; the "
+        "recompute baseline is predicted at (2 + beta) / (1 + beta).",
         ""]
     for cfg in data["configs"]:
         lines.append(f"## {cfg['mode']}, T = {cfg['T']}")
@@ -476,23 +598,37 @@ def write_markdown(path, data):
             lines += [f"Skipped: {cfg['skip_reason']}.", ""]
             continue
         hb = cfg["hidden_state_bytes"]
+        fwd = cfg.get("bptt_forward") or {}
+        beta = cfg.get("beta_measured")
         lines.append(f"{cfg['rounds']} rounds; standard BPTT step "
-                     f"{next(e for e in cfg['methods'] if e['method'] == 'bptt')['median_time_s']:.3f} s; "
-                     f"hidden state {hb / 1024:.0f} KiB, alpha {cfg['alpha']:.3g}.")
+                     f"{next(e for e in cfg['methods'] if e['method'] == 'bptt')['median_time_s']:.3f} s"
+                     + (f", its forward-only step {fwd['median_time_s']:.3f} s: measured "
+                        f"beta {beta:.2f}" if fwd and beta is not None else "")
+                     + f"; hidden state {hb / 1024:.3g} KiB, alpha {cfg['alpha']:.3g}.")
         lines.append("")
         lines.append("| method | plan slots (peak / budget) | predicted states MiB | "
-                     "measured MiB | memory vs BPTT | measured - predicted states MiB | "
-                     "predicted time | measured time | step s | grad rel err |")
-        lines.append("|---|---|---|---|---|---|---|---|---|---|")
+                     "stored states vs BPTT | predicted total MiB | measured MiB | "
+                     "measured / predicted total | memory vs BPTT | "
+                     "measured - predicted states MiB | predicted time (beta=2) | "
+                     "predicted time (measured beta) | measured time | step s | "
+                     "grad rel err |")
+        lines.append("|---" * 14 + "|")
         for e in cfg["methods"]:
             slots = (f"{e['plan_peak_slots']:g} / {e['plan_memory_slots']:g}"
                      if "plan_peak_slots" in e else
                      (f"{e['segments']} segments" if "segments" in e else "-"))
+            stored = (f"{100 * e['stored_states_vs_bptt']:.1f}%"
+                      if e.get("stored_states_vs_bptt") is not None else "-")
+            pred_mb = (f"{e['predicted_time_ratio_measured_beta']:.3f}x"
+                       if e.get("predicted_time_ratio_measured_beta") is not None else "-")
             lines.append(
                 f"| {e['method']} | {slots} | {mib(e['predicted_state_bytes'])} | "
-                f"{mib(e['activation_bytes'])} | {100 * e['memory_ratio']:.1f}% | "
+                f"{stored} | {mib(e['predicted_total_bytes'])} | "
+                f"{mib(e['activation_bytes'])} | "
+                f"{e['activation_bytes'] / e['predicted_total_bytes']:.3f} | "
+                f"{100 * e['memory_ratio']:.1f}% | "
                 f"{mib(e['measured_minus_predicted_states_bytes'])} | "
-                f"{e['predicted_time_ratio']:.3f}x | {e['time_ratio']:.3f}x | "
+                f"{e['predicted_time_ratio']:.3f}x | {pred_mb} | {e['time_ratio']:.3f}x | "
                 f"{e['median_time_s']:.3f} | {e['grad_rel_err']:.1e}"
                 f"{'' if e['grad_ok'] else ' FAIL'} |")
         ov = cfg["overheads_estimate_bytes"]
@@ -611,6 +747,49 @@ def parse_args(argv=None):
     return args
 
 
+def run_order(args):
+    """The configurations in running order, and the set of priority ones.
+
+    The usual order is by length, then mode. The long configurations (``T >= LONG_T``) of
+    the first mode (graph when it runs) are the priority: they run right after the first
+    configuration (short, it calibrates the per-step rates), before the other modes' and
+    the shorter ones, which then share what time is left."""
+    natural = [(mode, t) for t in args.lengths for mode in args.modes]
+    first_mode = "graph" if "graph" in args.modes else args.modes[0]
+    priority = [c for c in natural if c[0] == first_mode and c[1] >= LONG_T]
+    if not priority or natural[0] in priority:
+        return natural, set(priority)
+    rest = [c for c in natural[1:] if c not in priority]
+    return [natural[0]] + priority + rest, set(priority)
+
+
+def reserve_for_later(args, later, priority, current_is_priority, rate_of, clock,
+                      known_alpha, bytes_per_step, own_need=0.0):
+    """Seconds to keep for the later configurations while running the current one:
+
+    * a later priority configuration: its core methods, always (x 1.1);
+    * another one, in order: its core methods (only bptt and its forward-only step while
+      a priority configuration runs) when the current configuration keeps `own_need`
+      (its own core methods), else nothing.
+
+    Configurations predicted to be skipped for RAM get nothing. Returns (reserve, hard)."""
+    reserve = hard = 0.0
+    for later_mode, later_t in later:
+        rate = rate_of(later_mode)
+        if rate is None or ram_skip_reason(args, later_mode, later_t, known_alpha,
+                                           bytes_per_step.get(later_mode)):
+            continue
+        if (later_mode, later_t) in priority:
+            need = 1.1 * config_need_s(args, later_mode, later_t, rate)
+            hard += need
+            reserve += need
+            continue
+        need = config_need_s(args, later_mode, later_t, rate, core=not current_is_priority)
+        if reserve + need <= clock.left() - own_need:
+            reserve += need
+    return reserve, hard
+
+
 def main(argv=None):
     args = parse_args(argv)
     out = pathlib.Path(args.out_dir)
@@ -620,51 +799,87 @@ def main(argv=None):
             "machine": machine(), "configs": [],
             "args": {k: v for k, v in vars(args).items()}}
     log(f"machine: {data['machine']}")
-    configs = [(mode, t) for t in args.lengths for mode in args.modes]
+    configs, priority = run_order(args)
+    natural = [(mode, t) for t in args.lengths for mode in args.modes]
+    data["run_order"] = [f"{mode} T={t}" for mode, t in configs]
     known_alpha = None
     bptt_per_step = {}          # mode -> seconds per timestep (from the measured bptt)
+    bytes_per_step = {}         # mode -> BPTT activation bytes per timestep (measured)
+
+    def rate_of(mode):
+        return bptt_per_step.get(mode) or (max(bptt_per_step.values())
+                                           if bptt_per_step else None)
+
+    def save():
+        data["configs"].sort(key=lambda c: natural.index((c["mode"], c["T"])))
+        (out / "bptt.json").write_text(json.dumps(data, indent=1))
+
     for i, (mode, num_steps) in enumerate(configs):
         rounds = args.long_rounds if num_steps >= LONG_T else args.rounds
-        # Reserve time for the core methods of the later configurations that can fit.
-        rate = bptt_per_step.get(mode) or (max(bptt_per_step.values())
-                                           if bptt_per_step else None)
-        reserve = 0.0
-        if rate is not None:
-            for later_mode, later_t in configs[i + 1:]:
-                lr = bptt_per_step.get(later_mode, rate)
-                r = args.long_rounds if later_t >= LONG_T else args.rounds
-                need = (lr * later_t * (1 + 1.35 + 4 / 3) * (r + 2)
-                        + 3.0 * recompute_segments(later_t))
-                if reserve + need < clock.left() * 0.5:
-                    reserve += need
-            est = (rate * num_steps * (1 + 1.35 + 4 / 3) * (rounds + 2)
-                   + 3.0 * recompute_segments(num_steps))
-            if est > clock.left():
-                data["configs"].append({
-                    "mode": mode, "T": num_steps, "rounds": rounds, "methods": [],
-                    "skipped": [], "skip_reason": (
-                        f"time budget: the core methods (bptt, msm 5%, recompute) need "
-                        f"~{est:.0f} s (estimated from the measured BPTT step), "
-                        f"{clock.left():.0f} s left")})
-                log(f"skip {mode} T={num_steps}: {data['configs'][-1]['skip_reason']}")
-                continue
-        if clock.left() <= 0:
+        is_priority = (mode, num_steps) in priority
+        rate = rate_of(mode)
+        own = (config_need_s(args, mode, num_steps, rate, core=not is_priority)
+               if rate is not None else 0.0)
+        reserve, hard = reserve_for_later(args, configs[i + 1:], priority, is_priority,
+                                          rate_of, clock, known_alpha, bytes_per_step, own)
+        skip = ram_skip_reason(args, mode, num_steps, known_alpha,
+                               bytes_per_step.get(mode))
+        if skip:
+            pass
+        elif clock.left() <= 0:
+            skip = "time budget exhausted"
+        elif rate is not None:
+            # Run when bptt, its forward-only step and msm 5% fit (a priority
+            # configuration: bptt and its forward-only step) besides the time kept for
+            # later priority configurations; the methods are then chosen by their own
+            # estimates.
+            est = config_need_s(args, mode, num_steps, rate, core=not is_priority,
+                                recompute=False)
+            if est > clock.left() - hard:
+                what = ("bptt and its forward-only step" if is_priority else
+                        "bptt, its forward-only step and msm 5%")
+                skip = (f"time budget: {what} need ~{est:.0f} s (estimated from the "
+                        f"measured BPTT step), {clock.left():.0f} s left"
+                        + (f", {hard:.0f} s of them kept for the long configurations"
+                           if hard else ""))
+        if skip:
             data["configs"].append({"mode": mode, "T": num_steps, "rounds": rounds,
-                                    "methods": [], "skipped": [],
-                                    "skip_reason": "time budget exhausted"})
+                                    "methods": [], "skipped": [], "skip_reason": skip})
+            log(f"skip {mode} T={num_steps}: {skip}")
+            save()
             continue
-        cfg = run_config(args, mode, num_steps, rounds, clock, reserve, known_alpha)
+        if rate is None:
+            # No rate yet (first configuration): the reserve is computed from this one's
+            # BPTT step, once it is measured.
+            def reserve(measured_rate, i=i, mode=mode, num_steps=num_steps,
+                        is_priority=is_priority):
+                def rate_now(m):
+                    return rate_of(m) or measured_rate
+                own_need = config_need_s(args, mode, num_steps, measured_rate,
+                                         core=not is_priority)
+                return reserve_for_later(args, configs[i + 1:], priority, is_priority,
+                                         rate_now, clock, known_alpha, bytes_per_step,
+                                         own_need)[0]
+            log(f"{mode} T={num_steps}: {clock.left():.0f} s left")
+        else:
+            log(f"{mode} T={num_steps}: {clock.left():.0f} s left, {reserve:.0f} s kept "
+                "for later configurations")
+        cfg = run_config(args, mode, num_steps, rounds, clock, reserve, known_alpha,
+                         bytes_per_step.get(mode))
+        cfg["run_index"] = i
         data["configs"].append(cfg)
         if cfg.get("alpha"):
             known_alpha = cfg["alpha"]
         if cfg.get("bptt_step_estimate_s"):
             bptt_per_step[mode] = cfg["bptt_step_estimate_s"] / num_steps
+        if cfg.get("bptt_bytes_estimate"):
+            bytes_per_step[mode] = max(bytes_per_step.get(mode, 0),
+                                       cfg["bptt_bytes_estimate"] / num_steps)
         if cfg.get("skip_reason"):
             log(f"skip {mode} T={num_steps}: {cfg['skip_reason']}")
-        # Checkpoint after every configuration.
-        (out / "bptt.json").write_text(json.dumps(data, indent=1))
+        save()                  # checkpoint after every configuration
     data["total_s"] = time.perf_counter() - clock.start
-    (out / "bptt.json").write_text(json.dumps(data, indent=1))
+    save()
     write_markdown(out / "bptt.md", data)
     plotted = write_plot(out / "bptt.png", data)
     log(f"wrote {out / 'bptt.json'}, {out / 'bptt.md'}"
@@ -676,7 +891,6 @@ def main(argv=None):
     for b in bad:
         log(f"GRADIENT MISMATCH {b}")
     return 1 if bad else 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
