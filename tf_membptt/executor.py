@@ -223,13 +223,14 @@ class StepProgram:
                     f"{shape}: only tensors with a leading batch dimension and static other "
                     f"dimensions can be stored. Use keras.layers.RNN for this cell.")
         self._residual_from_carry = [] if self.compact else residual_from_carry
-        # Kept tensors that are the step's carry inputs are returned by the forward function
-        # as they came in (a pruned function cannot output one of its own feeds).
+        # Kept tensors that are the step's carry inputs are taken as they came in, not
+        # passed through the forward function.
         carry_position = {id(c): k for k, c in enumerate(r["carry"])}
         self._kept_source = [carry_position.get(id(t), -1) for t in kept]
         computed = [t for t in kept if id(t) not in carry_position]
-        self.residual_specs = [tf.TensorSpec([None] + t.shape.as_list()[1:], t.dtype)
-                               for t in kept]
+        # What an internal state holds beside h_i (all of it when compact): the "working" set.
+        self.working_specs = [tf.TensorSpec([None] + t.shape.as_list()[1:], t.dtype)
+                              for t in kept]
         feeds_fwd = [r["x"], r["mask"]] + r["carry"] + r["weights"] + r["extras"]
         self._forward = wrapped.prune(feeds_fwd, [r["output"]] + r["new_carry"] + computed)
         invariant_feeds = r["weights"] + r["extras"]
@@ -256,7 +257,7 @@ class StepProgram:
         self._backward_unique_index = _unique_index(backward_feeds)
         self.output_spec = tf.TensorSpec([None] + r["output"].shape.as_list()[1:],
                                          r["output"].dtype)
-        self._stored_size = [int(np.prod(s.shape[1:])) for s in self.residual_specs]
+        self._stored_size = [int(np.prod(s.shape[1:])) for s in self.working_specs]
         self._carry_size = [int(np.prod(s.shape[1:])) for s in self.carry_specs]
 
     @staticmethod
@@ -339,8 +340,8 @@ class StepProgram:
     def unpack_internal(self, flat):
         """``(carry, working)`` of a packed internal state; carry is None when compact."""
         if self.compact:
-            return None, _unpack(flat, self.residual_specs)
-        parts = _unpack(flat, self.carry_specs + self.residual_specs)
+            return None, _unpack(flat, self.working_specs)
+        parts = _unpack(flat, self.carry_specs + self.working_specs)
         num_carry = len(self.carry_specs)
         return parts[:num_carry], parts[num_carry:]
 
@@ -716,9 +717,9 @@ def run_planned(program: StepProgram, plan: Plan, xs, masks, carry, weights, ext
                               extras, batch, return_sequences, num_steps, go_backwards)
 
     def graph_backward_sweep(xs, masks, weight_values, extras, invariants, stored,
-                             final_carry, residuals_last, d_final_carry, d_outputs, d_last):
+                             final_carry, working_last, d_final_carry, d_outputs, d_last):
         return _backward_sweep(program, tables, store, xs, masks, weight_values, extras,
-                               invariants, stored, final_carry, residuals_last,
+                               invariants, stored, final_carry, working_last,
                                d_final_carry, d_outputs, d_last, batch, num_steps,
                                needs_input_grad, go_backwards)
 
@@ -744,7 +745,7 @@ def run_planned(program: StepProgram, plan: Plan, xs, masks, carry, weights, ext
         # replaces it, and recording would keep every step's tensors alive.
         with _stop_recording():
             invariants = program.invariants(weight_values, extras)
-            last_output, outputs, final_carry, stored, residuals_last = forward_sweep(
+            last_output, outputs, final_carry, stored, working_last = forward_sweep(
                 xs, masks, carry0, weight_values, extras)
 
         def grad(d_result, *d_final_carry, variables=None):
@@ -752,7 +753,7 @@ def run_planned(program: StepProgram, plan: Plan, xs, masks, carry, weights, ext
             d_last = None if return_sequences else d_result
             d_xs, d_carry0, d_weights = backward_sweep(
                 xs, masks, weight_values, extras, invariants, stored, final_carry,
-                residuals_last, list(d_final_carry), d_outputs, d_last)
+                working_last, list(d_final_carry), d_outputs, d_last)
             return ([d_xs] if needs_input_grad else []) + d_carry0 + d_weights
 
         result = outputs if return_sequences else last_output
@@ -785,12 +786,12 @@ def _eager_sweeps(program, plan, tables, return_sequences, needs_input_grad, go_
 
     @tf.function(autograph=False)
     def backward_sweep(xs, masks, weight_values, extras, invariants, stored_flow,
-                       final_carry, residuals_last, d_final_carry, d_outputs, d_last):
+                       final_carry, working_last, d_final_carry, d_outputs, d_last):
         store = store_for(xs)
         stored = tf.TensorArray(program.dtype, flow=stored_flow, clear_after_read=False,
                                 infer_shape=False)
         return _backward_sweep(program, tables, store, xs, masks, weight_values, extras,
-                               invariants, stored, final_carry, residuals_last,
+                               invariants, stored, final_carry, working_last,
                                d_final_carry, d_outputs, d_last, tf.shape(xs)[0], num_steps,
                                needs_input_grad, go_backwards)
 
@@ -827,20 +828,20 @@ def _forward_sweep(program, tables, store, xs, masks, carry0, weights, extras, b
                                size=num_steps if return_sequences else 1)
     last_output = tf.zeros(tf.concat([[batch], program.output_spec.shape[1:]], 0),
                            program.output_spec.dtype)
-    zero_residuals = [tf.zeros(tf.concat([[batch], s.shape[1:]], 0), s.dtype)
-                      for s in program.residual_specs]
+    zero_working = [tf.zeros(tf.concat([[batch], s.shape[1:]], 0), s.dtype)
+                      for s in program.working_specs]
     num_carry = len(carry0)
 
     def body(t, stored, output_ta, last_output, residuals, *carry):
         x_t = _step_input(xs, t, num_steps, go_backwards)
-        output, new_carry, new_residuals = program.forward(x_t, masks[t], list(carry),
+        output, new_carry, new_working = program.forward(x_t, masks[t], list(carry),
                                                            weights, extras)
         kind, slot, offset = store_table[t][0], store_table[t][1], store_table[t][2]
         if isinstance(store, _FlatStore):
             stored = store.store_step(
                 stored, kind, offset, 1 if used[1] else None, 2 if used[2] else None,
                 lambda: program.pack_hidden(new_carry),
-                lambda: program.pack_internal(new_carry, new_residuals))
+                lambda: program.pack_internal(new_carry, new_working))
         elif used[1] or used[2]:
             # Only the store kinds this plan uses are built (see _backward_sweep).
             def no_store():
@@ -851,19 +852,19 @@ def _forward_sweep(program, tables, store, xs, masks, carry0, weights, extras, b
 
             def store_internal():
                 return store.write(stored, slot, offset,
-                                   program.pack_internal(new_carry, new_residuals))
+                                   program.pack_internal(new_carry, new_working))
 
             stored = tf.switch_case(kind, [no_store, store_hidden if used[1] else no_store,
                                            store_internal if used[2] else no_store])
         if return_sequences:
             output_ta = output_ta.write(t, output)
-        return (t + 1, stored, output_ta, output, new_residuals) + tuple(new_carry)
+        return (t + 1, stored, output_ta, output, new_working) + tuple(new_carry)
 
     # h_0 is held in slot 0 for the whole step (the plan counts it; restores read it).
     stored = store.write(store.empty(), 0, 0, program.pack_hidden(carry0))
     result = tf.while_loop(
         lambda t, *_: t < num_steps, body,
-        (tf.constant(0), stored, output_ta, last_output, zero_residuals)
+        (tf.constant(0), stored, output_ta, last_output, zero_working)
         + tuple(carry0),
         maximum_iterations=num_steps)
     _, stored, output_ta, last_output, residuals = result[:5]
@@ -873,7 +874,7 @@ def _forward_sweep(program, tables, store, xs, masks, carry0, weights, extras, b
 
 
 def _backward_sweep(program, tables, store, xs, masks, weights, extras, invariants, stored,
-                    final_carry, residuals_last, d_final_carry, d_outputs, d_last, batch,
+                    final_carry, working_last, d_final_carry, d_outputs, d_last, batch,
                     num_steps, needs_input_grad, go_backwards):
     """The gradient: one iteration per step's backward (T down to 1), each first running
     the moves the plan makes before it (advances, stores, restores, frees) in an inner loop.
@@ -896,7 +897,7 @@ def _backward_sweep(program, tables, store, xs, masks, weights, extras, invarian
     d_weights0 = [tf.zeros_like(w) for w in weights]
     dxs_ta = (tf.TensorArray(xs.dtype, size=num_steps) if needs_input_grad
               else tf.zeros([], xs.dtype))  # a placeholder loop variable
-    num_carry, num_res = len(final_carry), len(residuals_last)
+    num_carry, num_res = len(final_carry), len(working_last)
     d_carry0 = [tf.zeros_like(c) if d is None else d for c, d in zip(final_carry, d_final_carry)]
 
     def step_inputs(step):
@@ -1030,7 +1031,7 @@ def _backward_sweep(program, tables, store, xs, masks, weights, extras, invarian
         return ((j + 1, stored, dxs_ta) + tuple(cursor) + tuple(working) + tuple(d_prev)
                 + tuple(d_weights))
 
-    init = ((tf.constant(0), stored, dxs_ta) + tuple(final_carry) + tuple(residuals_last)
+    init = ((tf.constant(0), stored, dxs_ta) + tuple(final_carry) + tuple(working_last)
             + tuple(d_carry0) + tuple(d_weights0))
     # One iteration at a time: with TensorFlow's default of 10 in flight, the weight
     # gradients of later backward steps are computed ahead of the running sum and held at
