@@ -184,9 +184,9 @@ def _markdown(meta, rows):
             f"{r['overhead_s']:.2f} | {r['plan_s']:.3f} | "
             f"{r['forward_evals'] / r['T']:.3f} | {r['memory_slots']:g} | "
             f"{r['peak_memory']:g} |")
-    lines += ["", "Eager has no trace: its \"first call\" is an ordinary first step, which "
-              "runs the plan's loops op by op from Python and therefore grows with T; "
-              "its overhead column is only first-step warm-up.", ""]
+    lines += ["", "Eager has no trace of the user's step: its \"first call\" is the first "
+              "step, which traces the layer's two sweeps (cached per plan) and runs them; "
+              "its overhead column is that tracing plus first-step warm-up.", ""]
     return "\n".join(lines)
 
 
