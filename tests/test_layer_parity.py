@@ -99,9 +99,13 @@ def test_parity_eager(case):
 
 @pytest.mark.parametrize("case", [
     # Under XLA one state-sized scratch area comes out of the budget (executor._FlatStore):
-    # 'slots:8' leaves the LSTM (alpha 3.33 with the carried output) 4.67 slots to plan.
+    # 'slots:8' leaves the LSTM 8 - alpha slots to plan.
     dict(cell_kind="lstm", num_steps=12, budget="slots:8", mask_kind="middle",
          return_sequences=True),
+    # Restarts from compact internal states, the input read backwards from the batch-major
+    # sequence, and its gradient.
+    dict(cell_kind="gru", num_steps=40, budget=0.1, strategy="ism", mask_kind="end",
+         go_backwards=True, return_state=True, init="random"),
     dict(cell_kind="nested", num_steps=6, budget="slots:4", strategy="hsm", init="zeros",
          mask_kind="end", zero_output_for_mask=True),
 ])
