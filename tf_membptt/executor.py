@@ -254,6 +254,8 @@ class StepProgram:
         # A tensor may appear twice (e.g. a residual that is also an invariant's input):
         # it is fed once, and `_backward_unique_index` maps each position to its feed.
         self._backward = wrapped.prune(_unique(backward_feeds), r["grads"])
+        # Without the input gradient, for when nothing asks for it (e.g. in model.fit).
+        self._backward_without_dx = wrapped.prune(_unique(backward_feeds), r["grads"][1:])
         self._backward_unique_index = _unique_index(backward_feeds)
         self.output_spec = tf.TensorSpec([None] + r["output"].shape.as_list()[1:],
                                          r["output"].dtype)
@@ -302,9 +304,9 @@ class StepProgram:
         return output, new_carry, working
 
     def backward(self, working, new_carry, invariants, x, mask, d_output, d_carry, batch,
-                 weights, extras):
-        """Gradients ``(dx, d_carry_prev, d_weights)`` of one step from its internal state.
-        `new_carry` is not read in the compact layout (it may be None)."""
+                 weights, extras, need_dx=True):
+        """Gradients ``(dx, d_carry_prev, d_weights)`` of one step from its internal state
+        (dx is None unless `need_dx`). `new_carry` is not read in the compact layout."""
         shape_values = []
         for _, op_type, static, dtype in self._shape_feeds:
             dims = [batch if d is None else tf.constant(d, tf.int32) for d in static]
@@ -319,9 +321,13 @@ class StepProgram:
         inputs = [x, mask] + (list(weights) + list(extras) if self.compact else [])
         feeds = (list(working) + [new_carry[k] for k in self._carry_residual_indices()]
                  + shape_values + list(invariants) + inputs + [d_output] + list(d_carry))
-        grads = self._backward(*_gather_unique(feeds, self._backward_unique_index))
+        unique = _gather_unique(feeds, self._backward_unique_index)
+        if need_dx:
+            grads = self._backward(*unique)
+        else:
+            grads = [None] + list(self._backward_without_dx(*unique))
         num_carry = len(self.carry_specs)
-        dx = _with_shape(grads[0], x.shape)
+        dx = _with_shape(grads[0], x.shape) if need_dx else None
         d_carry_prev = [_with_shape(g, c.shape) for g, c in zip(grads[1:1 + num_carry], d_carry)]
         d_weights = list(grads[1 + num_carry:])
         return dx, d_carry_prev, d_weights
@@ -1024,7 +1030,8 @@ def _backward_sweep(program, tables, store, xs, masks, weights, extras, invarian
                                  lambda: tuple(cursor) + tuple(working))
                 new_carry, residuals = list(chosen[:num_carry]), list(chosen[num_carry:])
         dx, d_prev, dw = program.backward(residuals, new_carry, invariants, x_t, mask_t,
-                                          d_out, d_carry, batch, weights, extras)
+                                          d_out, d_carry, batch, weights, extras,
+                                          need_dx=needs_input_grad)
         d_weights = [a + g for a, g in zip(d_weights, dw)]
         if needs_input_grad:
             dxs_ta = dxs_ta.write(step - 1, dx)
