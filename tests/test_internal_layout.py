@@ -141,3 +141,43 @@ def test_compact_states_are_not_reevaluated(strategy, budget):
     assert len(_restores_from_internal(plan.op_table().astype(np.int64))) > 0
     assert COUNTER[0] == plan.forward_evals
     assert_all_close(expected, actual, "gradients")
+
+
+class StatelessInputCell(keras.layers.Layer):
+    """A cell whose new state ignores the previous one. Its gradient still reads h_{i-1}
+    (the zero gradient of the carry is built with `zeros_like(h_{i-1})`), so the compact
+    internal state is h_{i-1} (one hidden state; a restart recomputes h_i from it and x_i)
+    where the residuals layout would hold h_i and h_{i-1}."""
+
+    def __init__(self, units, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self.state_size = units
+        self.output_size = units
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(shape=(input_shape[-1], self.units), name="kernel")
+
+    def call(self, inputs, states):
+        h = tf.tanh(tf.matmul(inputs, self.kernel))
+        return h, [h]
+
+
+@pytest.mark.parametrize("strategy", ["msm", "ism"])
+def test_cell_ignoring_its_state(strategy):
+    cell = StatelessInputCell(4)
+    layer = MemoryEfficientRNN(cell, memory_budget=0.3, strategy=strategy,
+                               return_sequences=True)
+    reference = keras.layers.RNN(cell, return_sequences=True)
+    x = tf.constant(np.random.default_rng(2).standard_normal((2, 30, 3)), tf.float32)
+
+    def grads(rnn):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(tf.sin(rnn(x, training=True)))
+        return tape.gradient(loss, [x] + cell.trainable_variables)
+
+    expected = grads(reference)
+    actual = grads(layer)
+    assert _program(layer).compact and layer.step_alpha == 1.0
+    assert_all_close(expected, actual, "gradients")

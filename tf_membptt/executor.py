@@ -205,10 +205,12 @@ class StepProgram:
         frontier = _cheap_frontier(per_step + r["new_carry"], carry_ids,
                                    _depends_on(carry_ids))
         frontier.sort(key=lambda t: (order.get(id(t.op), -1), t.value_index))
-        residual_layout_size = (sum(self._carry_size_of(c) for c in r["new_carry"])
-                                + sum(self._carry_size_of(t) for t in stored))
-        self.compact = (all(_storable(t) for t in frontier)
-                        and sum(self._carry_size_of(t) for t in frontier) < residual_layout_size)
+        residual_layout_size = (sum(self._row_elements(c) for c in r["new_carry"])
+                                + sum(self._row_elements(t) for t in stored))
+        # (An empty frontier would mean that neither h_i nor the backward reads h_{i-1}:
+        # the residuals layout, h_i alone, is then the internal state.)
+        self.compact = (bool(frontier) and all(_storable(t) for t in frontier)
+                        and sum(self._row_elements(t) for t in frontier) < residual_layout_size)
         kept = frontier if self.compact else stored
         for tensor in kept:
             if not _storable(tensor):
@@ -263,7 +265,8 @@ class StepProgram:
         self._carry_size = [int(np.prod(s.shape[1:])) for s in self.carry_specs]
 
     @staticmethod
-    def _carry_size_of(tensor) -> int:
+    def _row_elements(tensor) -> int:
+        """Elements per batch row; a tensor that cannot be stored counts as unaffordable."""
         return int(np.prod(tensor.shape.as_list()[1:])) if _storable(tensor) else 1 << 62
 
     def _carry_residual_indices(self):
@@ -282,7 +285,10 @@ class StepProgram:
 
     @property
     def alpha(self) -> float:
-        return self.internal_size / self.hidden_size
+        """What an internal state costs in hidden states. A compact one smaller than a
+        hidden state is charged as one: in the checkpointing game an internal state is
+        never cheaper than the hidden state it restarts from (so plans stay valid)."""
+        return max(1.0, self.internal_size / self.hidden_size)
 
     # -- calls ------------------------------------------------------------------------
     def invariants(self, weights, extras) -> List[tf.Tensor]:
