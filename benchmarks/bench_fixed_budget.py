@@ -40,6 +40,7 @@ import keras  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 from tf_membptt import MemoryEfficientRNN  # noqa: E402
+from bench_bptt import timed_run  # noqa: E402  (this folder is on sys.path when run)
 
 UNITS, BATCH, FEATURES, BUDGET = 512, 32, 32, "32MiB"
 
@@ -64,13 +65,8 @@ def make_forward(layer):
 
 
 def run_once(step, x):
-    before = tf.config.experimental.get_memory_info("CPU:0")["current"]
-    tf.config.experimental.reset_memory_stats("CPU:0")
-    start = time.perf_counter()
-    out = step(x)
-    _ = [g.numpy() for g in out] if isinstance(out, (list, tuple)) else out.numpy()
-    seconds = time.perf_counter() - start
-    peak = tf.config.experimental.get_memory_info("CPU:0")["peak"] - before
+    """(activation bytes, seconds) of one synchronous call, measured as bench_bptt does."""
+    seconds, peak, _ = timed_run(lambda: tf.nest.map_structure(lambda t: t.numpy(), step(x)))
     return peak, seconds
 
 
