@@ -181,13 +181,14 @@ class StepProgram:
                     f"{static} is not static apart from the batch dimension.")
             self._shape_feeds.append((out, out.op.type, static.as_list(), out.dtype))
 
-        depends_on_carry = _dependence(residual_candidates, carry_ids)
-        depends_on_inputs = _dependence(residual_candidates, step_inputs)
+        # One memoized walk each, shared by the sorting below and the compact layout's.
+        depends_on_carry = _depends_on(carry_ids)
+        depends_on_inputs = _depends_on(step_inputs)
         per_step, invariants = [], []
         for tensor in residual_candidates:
-            if depends_on_carry[id(tensor)]:
+            if depends_on_carry(tensor):
                 per_step.append(tensor)
-            elif not depends_on_inputs[id(tensor)]:
+            elif not depends_on_inputs(tensor):
                 invariants.append(tensor)
             # Otherwise it is a function of x_i and the mask bit (and weights): the
             # backward function recomputes it from those, so it is never stored.
@@ -203,7 +204,7 @@ class StepProgram:
         stored = [t for t in per_step if id(t) not in new_carry_ids]
         order = {id(op): n for n, op in enumerate(r["forward_ops"])}
         frontier = _cheap_frontier(per_step + r["new_carry"], carry_ids,
-                                   _depends_on(carry_ids))
+                                   depends_on_carry)
         frontier.sort(key=lambda t: (order.get(id(t.op), -1), t.value_index))
         residual_layout_size = (sum(self._row_elements(c) for c in r["new_carry"])
                                 + sum(self._row_elements(t) for t in stored))
@@ -448,12 +449,6 @@ def _unique_index(tensors):
     return out
 
 
-def _dependence(tensors, source_ids):
-    """For each tensor: does it depend (through data inputs) on any source tensor?"""
-    depends = _depends_on(source_ids)
-    return {id(t): depends(t) for t in tensors}
-
-
 def _pack(tensors, dtype=None):
     flat = [tf.reshape(t, [tf.shape(t)[0], -1]) for t in tensors]
     if dtype is not None:
@@ -686,7 +681,9 @@ class _SlotStore:
         return store.write(slot, flat)
 
     def read(self, store, slot, offset, size):
-        # An internal state starts with h_i, so the first H elements restore the cursor.
+        # `size` may be less than the element: in the residuals layout an internal state
+        # starts with h_i, so a RESTORE reads its first H elements (a compact one is read
+        # whole, by RESTORE_INTERNAL).
         flat = tf.reshape(store.read(slot)[:, :size], [-1, size])
         return _with_shape(flat, [self.static_batch, size])
 
