@@ -16,7 +16,9 @@ import dataclasses
 import math
 import numbers
 import re
-from typing import Optional, Union
+from typing import Optional
+
+from tf_membptt.planner import alpha_units, minimum_memory_slots
 
 _UNITS = {
     "": 1, "b": 1,
@@ -122,4 +124,54 @@ def format_bytes(num_bytes: float) -> str:
     return f"{int(num_bytes)}B"
 
 
-Number = Union[int, float]
+
+def planning_slots(budget: Budget, *, num_steps: int, alpha: float, strategy: str,
+                   hidden_bytes: Optional[float], reserved_slots: float = 0.0) -> float:
+    """The memory slots a layer hands the planner for this budget.
+
+    Args:
+        budget: the parsed `memory_budget`.
+        num_steps: sequence length.
+        alpha: internal-state size in hidden states (what the planner charges).
+        strategy: the planning strategy.
+        hidden_bytes: bytes of one hidden state for the whole batch (None when the batch
+            size is unknown: then a bytes budget cannot be converted).
+        reserved_slots: memory the executor needs beside the plan's stored states (under
+            XLA, its scratch area), taken out of the budget.
+
+    Returns:
+        The slots for `planner.plan` (``h_0`` included).
+
+    Raises:
+        ValueError: naming the least feasible budget, in the budget's own form, when the
+            budget (less `reserved_slots`) is below what `strategy` needs.
+    """
+    slots = budget.slots(num_steps=num_steps, alpha=alpha, hidden_bytes=hidden_bytes)
+    if budget.kind == "unlimited":
+        # No limit: room for what the planner charges an internal state (alpha rounded up
+        # to a multiple of 1/q), so that peak_memory <= memory_slots and msm/hsm/ism can
+        # store every internal state; the reservation comes on top.
+        units, per_slot = alpha_units(alpha)
+        charged = units / per_slot
+        if strategy in ("full", "chen"):
+            slots = minimum_memory_slots(num_steps, strategy, charged)
+        else:
+            slots = max(slots, 1.0 + charged * num_steps)
+        return slots
+    minimum = minimum_memory_slots(num_steps, strategy, alpha) + reserved_slots
+    if slots < minimum - 1e-9:
+        if budget.kind == "bytes":
+            least = (f"{int(math.ceil(minimum * hidden_bytes))} bytes "
+                     f"({format_bytes(minimum * hidden_bytes)})")
+        elif budget.kind == "fraction":
+            least = f"{minimum / (alpha * num_steps):.6g} (a fraction)"
+        else:
+            least = f"'slots:{minimum:g}'"
+        raise ValueError(
+            f"Argument `memory_budget` is below the least feasible budget for this layer "
+            f"(strategy={strategy!r}, {num_steps} steps, alpha={alpha:.4g}): it gives "
+            f"{slots:.4g} hidden-state slots, and the minimum is {minimum:g} slots"
+            + (f" (including {reserved_slots:g} for the XLA executor's scratch state)"
+               if reserved_slots else "")
+            + f", i.e. memory_budget={least}. Received: memory_budget={budget.original!r}")
+    return slots - reserved_slots
