@@ -12,8 +12,8 @@ import pytest
 import tensorflow as tf
 
 from layer_helpers import COUNTER, _increment, assert_all_close, run_parity
-from tf_membptt import MemoryEfficientRNN, OpKind
-from tf_membptt.executor import RESTORE_INTERNAL, _restores_from_internal, plan_tables
+from tf_membptt import MemoryEfficientRNN
+from tf_membptt import segments as seg
 
 
 def _program(layer):
@@ -45,35 +45,9 @@ def test_measured_alpha_per_cell(make_cell, alpha, compact):
     assert layer.last_plan.alpha == alpha
 
 
-def _table(*rows):
-    # Columns of Plan.op_table(): kind, step, slot, hidden_below, internal_below.
-    return np.array([list(r) + [0, 0] for r in rows], np.int64)
-
-
-def test_restores_from_internal_follow_what_the_slot_holds():
-    table = _table(
-        (OpKind.ADVANCE, 1, -1), (OpKind.STORE_HIDDEN, 1, 1), (OpKind.RESTORE, 1, 1),
-        (OpKind.FREE, 1, 1), (OpKind.ADVANCE, 2, -1), (OpKind.STORE_INTERNAL, 2, 1),
-        (OpKind.RESTORE, 2, 1), (OpKind.RESTORE, 0, 0), (OpKind.FREE, 2, 1),
-        (OpKind.STORE_HIDDEN, 0, 1), (OpKind.RESTORE, 0, 1))
-    assert _restores_from_internal(table).tolist() == [6]
-
-
-@pytest.mark.parametrize("strategy", ["msm", "ism"])
-def test_plan_tables_mark_internal_restores_only_when_compact(strategy):
-    from tf_membptt import plan as make_plan
-
-    the_plan = make_plan(100, 15, strategy=strategy, alpha=3.0)
-    table = the_plan.op_table()
-    restores = int(np.sum(table[:, 0] == OpKind.RESTORE))
-    from_internal = len(_restores_from_internal(table.astype(np.int64)))
-    assert from_internal > 0
-    plain = plan_tables(the_plan, 2, 6)
-    compact = plan_tables(the_plan, 2, 6, restore_internal=True)
-    assert not np.any(plain.moves[:, 0] == RESTORE_INTERNAL)
-    marked = int(np.sum(compact.moves[:, 0] == RESTORE_INTERNAL))
-    assert marked == from_internal
-    assert int(np.sum(compact.moves[:, 0] == OpKind.RESTORE)) == restores - marked
+def _restarts_from_internal(plan) -> int:
+    """How many segments of the plan restart the cursor from a stored internal state."""
+    return int(np.sum(seg.compile_plan(plan).segments[1:, 0] == seg.FROM_INTERNAL))
 
 
 @pytest.mark.parametrize("mode", ["graph", "eager", "xla"])
@@ -85,8 +59,7 @@ def test_restarts_from_compact_internal_states_match_bptt(mode, cell_kind, strat
                                          seed=3)
     program, plan = _program(layer), layer.last_plan
     assert program.compact
-    table = plan.op_table().astype(np.int64)
-    assert len(_restores_from_internal(table)) > 0, plan.describe()
+    assert _restarts_from_internal(plan) > 0, plan.describe()
     assert_all_close(expected[0], actual[0], "outputs")
     assert_all_close(expected[1], actual[1], "gradients")
 
@@ -138,16 +111,16 @@ def test_compact_states_are_not_reevaluated(strategy, budget):
     COUNTER[0] = 0
     actual = step(layer)
     plan = layer.last_plan
-    assert len(_restores_from_internal(plan.op_table().astype(np.int64))) > 0
+    assert _restarts_from_internal(plan) > 0
     assert COUNTER[0] == plan.forward_evals
     assert_all_close(expected, actual, "gradients")
 
 
 class StatelessInputCell(keras.layers.Layer):
-    """A cell whose new state ignores the previous one. Its gradient still reads h_{i-1}
-    (the zero gradient of the carry is built with `zeros_like(h_{i-1})`), so the compact
-    internal state is h_{i-1} (one hidden state; a restart recomputes h_i from it and x_i)
-    where the residuals layout would hold h_i and h_{i-1}."""
+    """A cell whose new state ignores the previous one. Its gradient builds the (zero)
+    gradient of the carry with `zeros_like(h_{i-1})`, a read of h_{i-1}'s shape only: it is
+    fed from the static shape, so nothing of step i depends on h_{i-1} and the internal
+    state is h_i alone (one hidden state)."""
 
     def __init__(self, units, **kwargs):
         super().__init__(**kwargs)
@@ -179,5 +152,7 @@ def test_cell_ignoring_its_state(strategy):
 
     expected = grads(reference)
     actual = grads(layer)
-    assert _program(layer).compact and layer.step_alpha == 1.0
+    program = _program(layer)
+    assert not program.compact and layer.step_alpha == 1.0
+    assert [tuple(s.shape) for s in program.internal_specs] == [(2, 4)]  # h_i
     assert_all_close(expected, actual, "gradients")

@@ -98,7 +98,7 @@ def test_parity_eager(case):
 
 
 @pytest.mark.parametrize("case", [
-    # Under XLA one state-sized scratch area comes out of the budget (executor._FlatStore):
+    # Under XLA one state-sized scratch area comes out of the budget (executor.StackStore):
     # 'slots:8' leaves the LSTM 8 - alpha slots to plan.
     dict(cell_kind="lstm", num_steps=12, budget="slots:8", mask_kind="middle",
          return_sequences=True),

@@ -34,7 +34,7 @@ def test_fit_reduces_loss(mode):
     plan = layer.last_plan
     assert plan is not None and plan.num_steps == T
     assert plan.forward_evals > T  # the planned (recomputing) gradient was used
-    # Under XLA one state-sized scratch area comes out of the budget (executor._FlatStore).
+    # Under XLA one state-sized scratch area comes out of the budget (executor.StackStore).
     reserved = layer.step_alpha if mode == "jit_compile" else 0.0
     assert plan.memory_slots == pytest.approx(
         np.floor(0.2 * layer.step_alpha * T + 1e-9) - reserved)

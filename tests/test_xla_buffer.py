@@ -1,4 +1,4 @@
-"""Under XLA the stored states live in one flat buffer that must be updated and read in
+"""Under XLA the stored states live in flat buffers that must be updated and read in
 place. A read that XLA lowers through a padded copy of the whole buffer (what a slice of
 size -1 at a dynamic offset became) made msm/ism steps ~15-30x slower than standard BPTT;
 this checks the compiled program for any tensor at least twice the buffer's width."""
@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from tf_membptt import MemoryEfficientRNN
-from tf_membptt.executor import plan_tables
+from tf_membptt.executor.run import make_store
 
 
 @pytest.mark.parametrize("strategy", ["msm", "ism", "hsm"])
@@ -27,11 +27,9 @@ def test_no_copy_of_twice_the_state_buffer(strategy):
         return tape.gradient(loss, cell.trainable_variables)
 
     hlo = step.experimental_get_compiler_ir(x)(stage="optimized_hlo")
-    (program,) = [p for key, p in layer._programs.items() if key[0]]  # the training one
-    tables = plan_tables(layer.last_plan, program.hidden_size, program.internal_size,
-                         program.compact)
-    width = tables.capacity + (program.internal_size if tables.stores_internal
-                               else program.hidden_size)
+    (program,) = layer._programs.values()
+    store, _ = make_store(program, layer.last_plan, xla=True)
+    (width,) = [c + w for c, w in zip(store.capacity, store.width)]  # one float32 group
     assert re.search(rf"f32\[4,{width}\]", hlo), "the state buffer is in the program"
     dims = [int(d) for shape in re.findall(r"f32\[([0-9,]+)\]", hlo)
             for d in shape.split(",") if d]

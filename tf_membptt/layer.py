@@ -5,12 +5,11 @@ from __future__ import annotations
 import keras
 import numpy as np
 import tensorflow as tf
-from keras.src.layers.rnn.dropout_rnn_cell import DropoutRNNCell
-from keras.src.layers.rnn.stacked_rnn_cells import StackedRNNCells
 
 from tf_membptt import executor
-from tf_membptt.budget import format_bytes, parse_budget
-from tf_membptt.planner import alpha_units, minimum_memory_slots, plan as make_plan
+from tf_membptt.budget import parse_budget, planning_slots
+from tf_membptt.cell_step import CellStep, read_raw, signature_for
+from tf_membptt.planner import plan as make_plan
 from tf_membptt.schedule import STRATEGIES
 
 
@@ -112,6 +111,7 @@ class MemoryEfficientRNN(keras.layers.RNN):
         self.memory_budget = memory_budget
         self.strategy = strategy
         self.alpha = alpha
+        self._steps = {}
         self._programs = {}
         self.last_plan = None
         self.step_alpha = None
@@ -140,58 +140,76 @@ class MemoryEfficientRNN(keras.layers.RNN):
             raise NotImplementedError(
                 "MemoryEfficientRNN takes one input tensor per step; for nested inputs use "
                 "keras.layers.RNN.")
-        initial_state = list(initial_state) if isinstance(initial_state, (list, tuple)) \
-            else [initial_state]
-        state_structure = initial_state
+        state_structure = (list(initial_state) if isinstance(initial_state, (list, tuple))
+                           else [initial_state])
         # Tensors, not variables: a stateful layer passes its state variables here.
-        flat_states = [tf.convert_to_tensor(s) for s in keras.tree.flatten(initial_state)]
-        carries_output = mask is not None and not self.zero_output_for_mask
+        flat_states = [tf.convert_to_tensor(s) for s in tf.nest.flatten(state_structure)]
+        has_mask = mask is not None
+        carries_output = has_mask and not self.zero_output_for_mask
+        step, discovery = self._cell_step(sequences, flat_states, state_structure, training,
+                                          has_mask, carries_output)
+        # Read once per call, outside the loops, in the variables' own dtypes; a tape
+        # watching the variables sees these reads.
+        params = [read_raw(v) for v in step.read]
+        variable_states = [read_raw(v) for v in step.assigned]
+        gradient_possible = executor.watched([sequences] + flat_states + params)
+        if tf.executing_eagerly() and not gradient_possible:
+            # No gradient can be taken: keras.layers.RNN's own loop, exactly.
+            return super().inner_loop(sequences, initial_state, mask, training=training)
 
-        # The executor reads each step's input from the batch-major sequence (no
-        # time-major copy of the whole input); masks are small, so they are made
-        # time-major, in processing order.
-        xs = sequences
-        num_steps_static = sequences.shape[1]
+        num_steps = sequences.shape[1]
+        dynamic_length_error = ValueError(
+            "A gradient through MemoryEfficientRNN needs a static number of timesteps: the "
+            "layer plans its recomputation when the training step is traced. Give the "
+            "input a fixed length (e.g. `keras.Input(shape=(T, features))`). Inference "
+            f"accepts any length. Received: sequences.shape={tuple(sequences.shape)}")
+        if gradient_possible and num_steps is None:
+            raise dynamic_length_error
         batch = tf.shape(sequences)[0]
-        if mask is not None:
+        masks = None
+        if has_mask:  # time-major, in processing order (small: one bool per row and step)
             masks = tf.transpose(tf.cast(mask, tf.bool), [1, 0])
-        else:
-            masks = tf.ones(tf.stack([tf.shape(xs)[1], batch]), tf.bool)
-        if self.go_backwards:
-            masks = tf.reverse(masks, [0])
-
-        weights_vars = list(self.cell.trainable_variables)
-        weight_values = [tf.convert_to_tensor(v.value) for v in weights_vars]
-        other_vars = [v for v in self.cell.variables
-                      if not any(v is w for w in weights_vars)]
-        dropout_holders, dropout_values = _collect_dropout_masks(self.cell)
-        extras = [tf.convert_to_tensor(v.value) for v in other_vars] + dropout_values
-
-        program = self._program(training, xs, flat_states, carries_output, weights_vars,
-                                weight_values, other_vars, extras, dropout_holders,
-                                state_structure, mask is not None)
+            if self.go_backwards:
+                masks = tf.reverse(masks, [0])
+        output_spec = discovery.output_spec
         carry0 = list(flat_states)
         if carries_output:
-            carry0.append(tf.zeros(tf.concat([[batch], program.carry_specs[-1].shape[1:]], 0),
-                                   program.carry_specs[-1].dtype))
+            carry0.append(tf.zeros(tf.concat([[batch], output_spec.shape[1:]], 0),
+                                   output_spec.dtype))
+        carry0 += variable_states
+        signature = signature_for(
+            _spec(sequences[:, 0]), has_mask, [_spec(s) for s in flat_states],
+            tf.TensorSpec(sequences.shape[:1].concatenate(output_spec.shape[1:]),
+                          output_spec.dtype),
+            carries_output, [_spec(v) for v in variable_states],
+            [_spec(p) for p in params], sequences.shape[0])
+        inputs = executor.StepInputs(sequences, masks, params, list(discovery.captured),
+                                     self.go_backwards, batch)
 
-        if training and num_steps_static is None:
-            raise ValueError(
-                "MemoryEfficientRNN plans its training step when it is traced and needs a "
-                "static number of timesteps: give the input a fixed length (e.g. "
-                "`keras.Input(shape=(T, features))`). Inference accepts any length. "
-                f"Received: sequences.shape={tuple(sequences.shape)}")
-        if training:
-            the_plan = self._make_plan(program, num_steps_static, sequences.shape[0])
+        def prepare():
+            if num_steps is None:
+                raise dynamic_length_error
+            program = self._program(step, signature, discovery)
+            return program, self._make_plan(program, num_steps, sequences.shape[0])
+
+        if gradient_possible:
+            program, plan = prepare()
+            need_dx = (sequences.dtype.is_floating
+                       and executor.watched([sequences]))
             last_output, outputs, carry = executor.run_planned(
-                program, the_plan, xs, masks, carry0, weight_values, extras,
-                self.return_sequences, self.go_backwards)
+                program, plan, inputs, carry0, self.return_sequences, need_dx)
         else:
-            last_output, outputs, carry = executor.run_plain(
-                program, xs, masks, carry0, weight_values, extras, self.return_sequences,
-                self.go_backwards)
-        new_states = carry[:len(flat_states)]
-        new_states = keras.tree.pack_sequence_as(state_structure, new_states)
+            last_output, outputs, carry = executor.run_deferred(
+                step, prepare, inputs, carry0, signature_output_spec(signature, output_spec),
+                self.return_sequences,
+                [k for k, d in enumerate(signature.carry_differentiable) if d],
+                [k for k, d in enumerate(signature.param_differentiable) if d])
+        # The cell's variable updates, applied once, with the values keras.layers.RNN would
+        # leave after its T steps.
+        offset = len(flat_states) + (1 if carries_output else 0)
+        for variable, value in zip(step.assigned, carry[offset:]):
+            variable.assign(value)
+        new_states = tf.nest.pack_sequence_as(state_structure, carry[:len(flat_states)])
         if outputs is None:
             outputs = tf.expand_dims(last_output, 1)
         else:
@@ -199,59 +217,35 @@ class MemoryEfficientRNN(keras.layers.RNN):
         return last_output, outputs, new_states
 
     # ------------------------------------------------------------------------------------
-    def _program(self, training, xs, flat_states, carries_output, weights_vars,
-                 weight_values, other_vars, extras, dropout_holders, state_structure,
-                 has_mask):
-        def spec(t):
-            return tf.TensorSpec([None] + list(t.shape[1:]), t.dtype)
+    def _cell_step(self, sequences, flat_states, state_structure, training, has_mask,
+                   carries_output):
+        """The cell as a step function, and what tracing it found (cached per input
+        signature; traced again each call when the cell captures tensors, e.g. dropout
+        masks drawn for this call)."""
+        input_spec = _spec(sequences[:, 0])
+        state_specs = [_spec(s) for s in flat_states]
+        key = (training, has_mask, carries_output, input_spec, tuple(state_specs),
+               tf.nest.map_structure(lambda _: 0, state_structure).__repr__())
+        cached = self._steps.get(key)
+        if cached is not None and not cached[1].captured:
+            return cached
+        step = cached[0] if cached is not None else CellStep(
+            self.cell, state_structure, training, has_mask, carries_output,
+            self.zero_output_for_mask)
+        discovery = step.discover(input_spec, state_specs)
+        self._steps[key] = (step, discovery)
+        return step, discovery
 
-        num_other = len(other_vars)
-        x_spec = spec(xs[:, 0])
-        state_specs = [spec(s) for s in flat_states]
-        weight_specs = [tf.TensorSpec(w.shape, w.dtype) for w in weight_values]
-        # Variable values have fixed shapes; dropout masks have a batch dimension.
-        extra_specs = [spec(e) if i >= num_other else tf.TensorSpec(e.shape, e.dtype)
-                       for i, e in enumerate(extras)]
-        key = (training, carries_output, has_mask, x_spec, tuple(state_specs),
-               tuple(weight_specs), tuple(extra_specs))
-        if key in self._programs:
-            return self._programs[key]
-        cell = self.cell
-        all_vars = weights_vars + other_vars
-        zero_output = self.zero_output_for_mask
-        num_states = len(flat_states)
-        cell_kwargs = {}
-        if getattr(cell, "_call_has_training_arg", False):
-            cell_kwargs["training"] = training
-
-        def step_fn(x, mask_t, carry, weights, step_extras):
-            variable_values = list(weights) + list(step_extras[:num_other])
-            mask_values = list(step_extras[num_other:])
-            states = keras.tree.pack_sequence_as(state_structure, carry[:num_states])
-            with _DropoutMasks(dropout_holders, mask_values):
-                with keras.StatelessScope(state_mapping=list(zip(all_vars, variable_values))):
-                    output, new_states = cell(x, states, **cell_kwargs)
-            new_flat = keras.tree.flatten(new_states)
-            if has_mask:
-                new_flat = [tf.where(_expand(mask_t, n), n, tf.cast(s, n.dtype))
-                            for n, s in zip(new_flat, carry[:num_states])]
-                previous = tf.zeros_like(output) if zero_output else carry[num_states]
-                output = tf.where(_expand(mask_t, output), output, previous)
-            new_carry = list(new_flat) + ([output] if carries_output else [])
-            return output, new_carry
-
-        carry_specs = list(state_specs)
-        if carries_output:
-            # The previous output is part of the carry: masked steps repeat it.
-            output_size = getattr(cell, "output_size", None) or self.state_size[0]
-            if not isinstance(output_size, int):
-                raise NotImplementedError(
-                    "With a mask, the cell's `output_size` must be an int; received "
-                    f"output_size={output_size!r}. Use keras.layers.RNN for this cell.")
-            carry_specs.append(tf.TensorSpec([None, output_size], flat_states[0].dtype))
-        program = executor.StepProgram(step_fn, x_spec, carry_specs, weight_specs,
-                                       extra_specs)
-        self._programs[key] = program
+    def _program(self, step, signature, discovery):
+        constant_specs = tuple(_spec(c, batched=False) for c in discovery.captured)
+        key = (id(step), signature, constant_specs)
+        program = self._programs.get(key)
+        if program is None:
+            program = executor.StepProgram(step, signature)
+            if [tuple(s.shape) for s in program.constant_specs] != \
+                    [tuple(s.shape) for s in constant_specs]:
+                raise AssertionError("the cell captured different tensors in two traces")
+            self._programs[key] = program
         self.step_alpha = program.alpha
         return program
 
@@ -264,100 +258,27 @@ class MemoryEfficientRNN(keras.layers.RNN):
                     f"this cell, {alpha:g} hidden states, or the budget would be exceeded. "
                     f"Received: alpha={self.alpha!r}")
             alpha = float(self.alpha)
-        itemsize = program.dtype.size
-        hidden_bytes = (None if batch_size is None
-                        else program.hidden_size * itemsize * int(batch_size))
-        slots = self._budget.slots(num_steps=num_steps, alpha=alpha, hidden_bytes=hidden_bytes)
-        if self._budget.kind == "unlimited":
-            # No limit: leave room for what the planner charges an internal state (alpha
-            # rounded up to a multiple of 1/q), so that peak_memory <= memory_slots and
-            # msm/hsm/ism can store every internal state.
-            units, per_slot = alpha_units(alpha)
-            charged = units / per_slot
-            if self.strategy in ("full", "chen"):
-                slots = minimum_memory_slots(num_steps, self.strategy, charged)
-            else:
-                slots = max(slots, 1.0 + charged * num_steps)
-        # Under XLA the executor's buffer has a scratch area of one state (see
-        # executor._FlatStore): it comes out of the budget, so the plan gets the rest.
-        reserved = (executor.scratch_slots(alpha, self.strategy)
-                    if executor.in_xla_context() else 0.0)
-        if self._budget.kind == "unlimited":
-            slots += reserved
-        minimum = minimum_memory_slots(num_steps, self.strategy, alpha) + reserved
-        if slots < minimum - 1e-9:
-            if self._budget.kind == "bytes":
-                least = f"{int(np.ceil(minimum * hidden_bytes))} bytes " \
-                        f"({format_bytes(minimum * hidden_bytes)})"
-            elif self._budget.kind == "fraction":
-                least = f"{minimum / (alpha * num_steps):.6g} (a fraction)"
-            else:
-                least = f"'slots:{minimum:g}'"
-            raise ValueError(
-                f"Argument `memory_budget` is below the least feasible budget for this layer "
-                f"(strategy={self.strategy!r}, {num_steps} steps, alpha={alpha:.4g}): it gives "
-                f"{slots:.4g} hidden-state slots, and the minimum is {minimum:g} slots"
-                + (f" (including {reserved:g} for the XLA executor's scratch state)"
-                   if reserved else "")
-                + f", i.e. memory_budget={least}. Received: "
-                f"memory_budget={self.memory_budget!r}")
-        the_plan = make_plan(num_steps, slots - reserved, strategy=self.strategy, alpha=alpha)
+        hidden_bytes = None if batch_size is None else program.hidden_bytes(int(batch_size))
+        # Under XLA the executor's flat buffers keep one internal state of scratch (see
+        # executor.StackStore): it comes out of the budget, so the plan gets the rest.
+        reserved = executor.scratch_slots(alpha) if executor.in_xla_context() else 0.0
+        slots = planning_slots(self._budget, num_steps=num_steps, alpha=alpha,
+                               strategy=self.strategy, hidden_bytes=hidden_bytes,
+                               reserved_slots=reserved)
+        the_plan = make_plan(num_steps, slots, strategy=self.strategy, alpha=alpha)
         self.last_plan = the_plan
         return the_plan
 
 
-class _DropoutMasks:
-    """Temporarily sets the cells' cached dropout masks to the given tensors, so that the
-    traced step reads them as inputs (the same masks in the first sweep and every
-    recomputation)."""
-
-    def __init__(self, holders, values):
-        self.holders, self.values = holders, values
-
-    def __enter__(self):
-        self.saved = [(cell, attr, getattr(cell, attr, None)) for cell, attr, _ in self.holders]
-        index = 0
-        for cell, attr, count in self.holders:
-            if count is None:
-                setattr(cell, attr, self.values[index])
-                index += 1
-            else:
-                setattr(cell, attr, list(self.values[index:index + count]))
-                index += count
-
-    def __exit__(self, *exc):
-        for cell, attr, value in self.saved:
-            setattr(cell, attr, value)
+def signature_output_spec(signature, output_spec):
+    """One step's output spec, batch dimension as in the signature."""
+    return tf.TensorSpec(tf.TensorShape([signature.batch_size]).concatenate(
+        output_spec.shape[1:]), output_spec.dtype)
 
 
-def _collect_dropout_masks(cell):
-    """The dropout masks that keras.layers.RNN.call drew for this call, as flat tensors."""
-    holders, values = [], []
-    cells = cell.cells if isinstance(cell, StackedRNNCells) else [cell]
-    for c in cells:
-        if isinstance(c, StackedRNNCells):
-            sub_holders, sub_values = _collect_dropout_masks(c)
-            holders += sub_holders
-            values += sub_values
-            continue
-        if not isinstance(c, DropoutRNNCell):
-            continue
-        for attr in ("_dropout_mask", "_recurrent_dropout_mask"):
-            value = getattr(c, attr, None)
-            if value is None:
-                continue
-            if isinstance(value, (list, tuple)):
-                holders.append((c, attr, len(value)))
-                values += list(value)
-            else:
-                holders.append((c, attr, None))
-                values.append(value)
-    return holders, values
-
-
-def _expand(mask_t, like):
-    # tf.where broadcasts; reading like's shape would make the mask depend on the carry.
-    return tf.reshape(mask_t, [-1] + [1] * (len(like.shape) - 1))
+def _spec(tensor, batched=True):
+    """The spec of a tensor as a step sees it (the batch dimension static when known)."""
+    return tf.TensorSpec(tensor.shape, tensor.dtype)
 
 
 def _static_bool(training):

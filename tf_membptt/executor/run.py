@@ -1,0 +1,325 @@
+"""Entry points: the only place that knows about tapes, XLA contexts and custom gradients.
+
+* `run_plain`: a forward loop that stores nothing (inference), calling the step function
+  itself; used inside `run_deferred`, and by the layer where no gradient can be taken.
+* `run_planned`: the first sweep stores what the plan says, and one `tf.custom_gradient`
+  runs the plan's gradient (`sweeps.backward_sweep`). Used when a gradient tape watches the
+  layer's inputs or variables, eagerly or while a function is traced.
+* `run_deferred`: for graph code with no tape in sight (a `tf.function` differentiated from
+  outside, graph-mode `tf.gradients`, an exported SavedModel): the forward is `run_plain`,
+  and only when a gradient is asked for does the custom gradient plan, run the first sweep
+  again with its stores and then the gradient. Inference pays nothing; a gradient costs one
+  extra forward sweep but stays within the budget.
+
+The gradient functions are not themselves differentiable: a second-order gradient through
+them (a gradient penalty, a Hessian-vector product) raises `NotImplementedError` where it is
+asked for (`_first_order_only`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List, Optional
+
+import tensorflow as tf
+
+from tf_membptt.executor import store as st
+from tf_membptt.executor import sweeps
+from tf_membptt.executor.step_program import StepProgram
+from tf_membptt.segments import compile_plan
+
+SECOND_ORDER_MESSAGE = (
+    "MemoryEfficientRNN's gradient is not differentiable: a second-order gradient through "
+    "it (a gradient penalty, a Hessian-vector product, MAML) is not supported, because the "
+    "recomputation that keeps memory within the budget is not itself recorded. Use "
+    "keras.layers.RNN for models that differentiate a gradient.")
+
+
+def in_xla_context() -> bool:
+    """Whether ops are being built for XLA (inside `tf.function(jit_compile=True)`).
+
+    Reads a TensorFlow internal (`control_flow_util.GraphOrParentsInXlaContext`);
+    `tests/test_internals.py` fails loudly if a release moves it."""
+    from tensorflow.python.ops import control_flow_util
+
+    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+
+
+def watched(tensors) -> bool:
+    """Whether a gradient tape would record an op reading any of `tensors` (True if this
+    TensorFlow does not say: then the planned path is taken, which is always safe).
+
+    Reads a TensorFlow internal (`record.should_record_backprop`);
+    `tests/test_internals.py` fails loudly if a release moves it."""
+    tensors = [t for t in tensors if isinstance(t, tf.Tensor)]
+    if not tensors:
+        return False
+    try:
+        from tensorflow.python.eager import record
+
+        return bool(record.should_record_backprop(tensors))
+    except (ImportError, AttributeError, TypeError):  # pragma: no cover - API moved
+        return True
+
+
+# --------------------------------------------------------------------------------------
+# Inference
+# --------------------------------------------------------------------------------------
+def run_plain(step_fn: Callable, inputs: sweeps.StepInputs, carry0, output_spec,
+              return_sequences: bool):
+    """A forward loop that stores nothing: ``(last_output, outputs, final_carry)``,
+    `outputs` time-major in processing order (or None). The number of steps may be
+    dynamic."""
+    num_steps = inputs.xs.shape[1]
+    dynamic_steps = tf.shape(inputs.xs)[1] if num_steps is None else num_steps
+    outputs = tf.TensorArray(output_spec.dtype, size=dynamic_steps if return_sequences else 0,
+                             element_shape=output_spec.shape)
+    last_output = tf.zeros(tf.concat([[inputs.batch], output_spec.shape[1:]], 0),
+                           output_spec.dtype)
+
+    def body(t, outputs, last_output, *carry):
+        x, mask = inputs.at(t)
+        output, new_carry = step_fn(x, mask, list(carry), inputs.params)
+        if return_sequences:
+            outputs = outputs.write(t, output)
+        return (t + 1, outputs, output) + tuple(new_carry)
+
+    result = tf.while_loop(lambda t, *_: t < dynamic_steps, body,
+                           (tf.constant(0), outputs, last_output) + tuple(carry0),
+                           maximum_iterations=num_steps)
+    outputs = result[1].stack() if return_sequences else None
+    return result[2], outputs, list(result[3:])
+
+
+# --------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------
+def make_store(program: StepProgram, plan, xla: bool):
+    """The store for this plan and context: flat buffers under XLA, lists otherwise."""
+    segments_ = compile_plan(plan)
+    sig = program.signature
+    args = (segments_, sig.carry_specs, sig.carry_batched, program.internal_specs,
+            program.internal_batched, sig.batch_size)
+    return (st.StackStore(*args) if xla else st.ListStore(*args)), segments_
+
+
+class _Differentiable:
+    """Which of the step's tensors go through the custom gradient (and get gradients)."""
+
+    def __init__(self, program: StepProgram, need_dx: bool):
+        sig = program.signature
+        self.need_dx = need_dx
+        self.carry = [k for k, d in enumerate(sig.carry_differentiable) if d]
+        self.params = [k for k, d in enumerate(sig.param_differentiable) if d]
+
+    def pack(self, xs, carry, params) -> list:
+        return (([xs] if self.need_dx else []) + [carry[k] for k in self.carry]
+                + [params[k] for k in self.params])
+
+    def unpack(self, args, xs, carry, params):
+        """Replaces the differentiable tensors by the custom gradient's arguments (taken
+        through `tf.stop_gradient`: nothing inside is recorded on an outer tape, whose
+        gradient is the custom one; recording would keep every step's tensors alive)."""
+        args = [tf.stop_gradient(a) for a in args]
+        if self.need_dx:
+            xs, args = args[0], args[1:]
+        carry, params = list(carry), list(params)
+        for k, value in zip(self.carry, args[:len(self.carry)]):
+            carry[k] = value
+        for k, value in zip(self.params, args[len(self.carry):]):
+            params[k] = value
+        return xs, carry, params
+
+
+def run_planned(program: StepProgram, plan, inputs: sweeps.StepInputs, carry0,
+                return_sequences: bool, need_dx: bool):
+    """Training: ``(last_output, outputs, final_carry)`` as `run_plain`, with the plan's
+    memory-efficient gradient for the input (when `need_dx`), the differentiable carry
+    parts and the floating params."""
+    xla = in_xla_context()
+    store, segments_ = make_store(program, plan, xla)
+    locations = store.locations
+    num_steps = plan.num_steps
+    diff = _Differentiable(program, need_dx)
+    eager = tf.executing_eagerly()
+    if eager:
+        forward, backward = _eager_sweeps(program, plan, store, segments_, return_sequences,
+                                          need_dx, inputs)
+    side = {}
+
+    @tf.custom_gradient
+    def planned(*args):
+        xs, carry, params = diff.unpack(args, inputs.xs, carry0, inputs.params)
+        step_inputs = sweeps.StepInputs(xs, inputs.masks, params, inputs.constants,
+                                        inputs.go_backwards, inputs.batch)
+        if eager:
+            last_output, outputs, final_carry, flows = forward(
+                xs, _or_empty(inputs.masks), carry, params, inputs.constants)
+        else:
+            last_output, outputs, final_carry, state = sweeps.forward_sweep(
+                program, store, locations, step_inputs, carry, return_sequences, num_steps)
+        side["final_carry"] = final_carry
+
+        def grad(d_result, *d_final_carry):
+            d_outputs = d_result if return_sequences else None
+            d_last = None if return_sequences else d_result
+            if eager:
+                dxs, d_carry0, d_params = backward(
+                    xs, _or_empty(inputs.masks), params, inputs.constants, flows,
+                    final_carry, list(d_final_carry), _or_empty(d_outputs),
+                    _or_empty(d_last))
+            else:
+                dxs, d_carry0, d_params = sweeps.backward_sweep(
+                    program, store, locations, segments_, step_inputs, state, final_carry,
+                    list(d_final_carry), d_outputs, d_last, need_dx)
+            return _first_order_only(([dxs] if need_dx else []) + list(d_carry0)
+                                     + list(d_params))
+
+        result = outputs if return_sequences else last_output
+        return (result,) + tuple(final_carry[k] for k in diff.carry), grad
+
+    out = planned(*diff.pack(inputs.xs, carry0, inputs.params))
+    final_carry = list(side["final_carry"])
+    for k, value in zip(diff.carry, out[1:]):
+        final_carry[k] = value
+    if return_sequences:
+        return out[0][-1], out[0], final_carry
+    return out[0], None, final_carry
+
+
+def run_deferred(step_fn: Callable, prepare: Callable, inputs: sweeps.StepInputs, carry0,
+                 output_spec, return_sequences: bool, differentiable_carry: List[int],
+                 differentiable_params: List[int]):
+    """`run_plain` whose gradient, when asked for, runs the plan: ``prepare()`` returns
+    ``(program, plan)`` then (it may raise; the error is then raised when the gradient
+    runs)."""
+    need_dx = inputs.xs.dtype.is_floating
+
+    def pack(xs, carry, params):
+        return (([xs] if need_dx else []) + [carry[k] for k in differentiable_carry]
+                + [params[k] for k in differentiable_params])
+
+    side = {}
+
+    @tf.custom_gradient
+    def deferred(*args):
+        args = list(args)
+        xs = args.pop(0) if need_dx else inputs.xs
+        carry, params = list(carry0), list(inputs.params)
+        for k in differentiable_carry:
+            carry[k] = args.pop(0)
+        for k in differentiable_params:
+            params[k] = args.pop(0)
+        step_inputs = sweeps.StepInputs(xs, inputs.masks, params, inputs.constants,
+                                        inputs.go_backwards, inputs.batch)
+        last_output, outputs, final_carry = run_plain(step_fn, step_inputs, carry,
+                                                       output_spec, return_sequences)
+        side["final_carry"] = final_carry
+
+        def grad(d_result, *d_final_carry):
+            like = pack(xs, carry, params)
+            try:
+                program, plan = prepare()
+            except (NotImplementedError, ValueError) as error:
+                return _failing_gradients(str(error), like)
+            if [k for k, d in enumerate(program.signature.carry_differentiable) if d] != \
+                    list(differentiable_carry):
+                raise AssertionError("the layer and the step program disagree on the carry")
+            store, segments_ = make_store(program, plan, in_xla_context())
+            planned_inputs = sweeps.StepInputs(xs, inputs.masks, params, inputs.constants,
+                                               inputs.go_backwards, inputs.batch)
+            _, _, planned_final, state = sweeps.forward_sweep(
+                program, store, store.locations, planned_inputs, carry, False,
+                plan.num_steps)
+            dxs, d_carry0, d_params = sweeps.backward_sweep(
+                program, store, store.locations, segments_, planned_inputs, state,
+                planned_final, list(d_final_carry),
+                d_result if return_sequences else None,
+                None if return_sequences else d_result, need_dx)
+            return _first_order_only(([dxs] if need_dx else []) + list(d_carry0)
+                                     + list(d_params))
+
+        result = outputs if return_sequences else last_output
+        return (result,) + tuple(final_carry[k] for k in differentiable_carry), grad
+
+    out = deferred(*pack(inputs.xs, carry0, inputs.params))
+    final_carry = list(side["final_carry"])
+    for k, value in zip(differentiable_carry, out[1:]):
+        final_carry[k] = value
+    if return_sequences:
+        return out[0][-1], out[0], final_carry
+    return out[0], None, final_carry
+
+
+def _failing_gradients(message, like):
+    """Gradients that raise `message` when they run (graph code only: the error must not
+    break the tracing of functions that never run it, e.g. a SavedModel export)."""
+    check = tf.debugging.Assert(tf.constant(False), [tf.constant(message)], summarize=1)
+    with tf.control_dependencies([check]):
+        return [tf.zeros_like(t) for t in like]
+
+
+def _first_order_only(grads):
+    """`grads` through an identity whose own gradient raises: differentiating them again
+    (a second-order gradient) fails where it is asked for, with `SECOND_ORDER_MESSAGE`."""
+    if not grads:
+        return []
+
+    @tf.custom_gradient
+    def identity(*values):
+        def second_order(*unused):
+            raise NotImplementedError(SECOND_ORDER_MESSAGE)
+
+        return tuple(tf.identity(v) for v in values), second_order
+
+    return list(identity(*grads))
+
+
+def _or_empty(tensor):
+    return tf.zeros([0]) if tensor is None else tensor
+
+
+def _eager_sweeps(program, plan, store, segments_, return_sequences, need_dx, inputs):
+    """The sweeps as traced functions, cached per plan: eagerly, the loops would dispatch
+    every op of every step from Python (~0.1 s a step, measured). The stored states pass
+    from one to the other as plain tensors (`store.flows`)."""
+    cache = program.__dict__.setdefault("_eager_sweeps", {})
+    key = (plan, type(store), return_sequences, need_dx, inputs.go_backwards,
+           inputs.masks is None)
+    if key in cache:
+        return cache[key]
+    locations = store.locations
+    has_mask = inputs.masks is not None
+    go_backwards = inputs.go_backwards
+
+    def step_inputs(xs, masks, params, constants):
+        return sweeps.StepInputs(xs, masks if has_mask else None, list(params),
+                                 list(constants), go_backwards, tf.shape(xs)[0])
+
+    @tf.function(autograph=False)
+    def forward(xs, masks, carry0, params, constants):
+        last_output, outputs, final_carry, state = sweeps.forward_sweep(
+            program, store, locations, step_inputs(xs, masks, params, constants),
+            list(carry0), return_sequences, plan.num_steps)
+        return (last_output, outputs if return_sequences else tf.zeros([0]), final_carry,
+                store.flows(state))
+
+    @tf.function(autograph=False)
+    def backward(xs, masks, params, constants, flows, final_carry, d_final_carry,
+                 d_outputs, d_last):
+        dxs, d_carry0, d_params = sweeps.backward_sweep(
+            program, store, locations, segments_, step_inputs(xs, masks, params, constants),
+            store.from_flows(flows), list(final_carry), list(d_final_carry),
+            d_outputs if return_sequences else None,
+            None if return_sequences else d_last, need_dx)
+        return (dxs if need_dx else tf.zeros([0])), d_carry0, d_params
+
+    def forward_call(*args):
+        last_output, outputs, final_carry, flows = forward(*args)
+        return last_output, (outputs if return_sequences else None), final_carry, flows
+
+    def backward_call(*args):
+        dxs, d_carry0, d_params = backward(*args)
+        return (dxs if need_dx else None), d_carry0, d_params
+
+    cache[key] = (forward_call, backward_call)
+    return cache[key]

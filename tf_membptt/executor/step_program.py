@@ -1,0 +1,596 @@
+"""What one step's backward needs, found from TensorFlow's own gradient graph.
+
+`StepProgram` turns a step function ``step_fn(x, mask, carry, params) -> (output,
+new_carry)`` into the functions the sweeps call, in four named stages:
+
+1. `_trace`: trace the step once in a `tf.compat.v1.wrap_function` graph and build its
+   gradient with `tf.gradients`. Tensors the step captures from outside (a cell's cached
+   dropout masks) become per-call *constants*, fed like inputs.
+2. `_classify`: every forward tensor that a gradient op reads is a *residual*. Residuals
+   that depend on the carry are *per-step* (they belong to the internal state); functions
+   of the step's input alone are recomputed in the backward from that input; functions of
+   the params and constants alone are *invariants*, computed once per call; tensors whose
+   only use is their shape are fed from static shapes and never kept.
+3. `_choose_layout`: an internal state ``I_i`` must restart the cursor at ``h_i`` and feed
+   the backward of step ``i``. Two layouts do both; the one with fewer bytes wins:
+
+   * residuals: ``h_i`` followed by the per-step residuals;
+   * compact: the tensors that ``h_i`` and the per-step residuals are computed from by
+     cheap ops alone (`_CHEAP_OPS`: elementwise math, slicing, reductions), found by walking
+     back until the carry ``h_{i-1}`` or an expensive op. For an LSTM: ``h_{i-1}``,
+     ``c_{i-1}`` and ``h_{i-1} @ U`` (3 hidden states instead of 4.5); the backward and a
+     restart recompute the gates elementwise.
+
+4. `_prune`: cut the graph (`WrappedFunction.prune`) into the forward (new carry, output
+   and the internal state's components), the backward (from an internal state to the
+   gradients of the input, the carry and the params), the invariants, and, for the compact
+   layout, the restart (from an internal state to ``h_i``).
+
+Every component keeps its own dtype and shape: a float16 carry beside a float32
+intermediate, integer indices a gradient gathers with, a variable's value that does not
+have a batch dimension. Sizes are counted in bytes, so ``alpha`` (internal state / hidden
+state) is a ratio of bytes.
+
+What a step may do (the contract, checked here): it may read the params it is given and
+the tensors it captures; it must not read or write TensorFlow variables directly (the layer
+maps every Keras variable the cell touches to a param or a carry part), and it must not use
+TensorFlow's stateful random ops, which cannot be replayed: a recomputed step would draw new
+numbers. Other stateful ops (``tf.print``, ``tf.py_function``) are allowed and run at every
+evaluation, recomputations included.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+import tensorflow as tf
+
+_SHAPE_OPS = ("Shape", "ShapeN", "Size", "Rank")
+
+# Ops whose cost is linear in their operands (elementwise math, slicing, joining, reshaping,
+# reductions). An internal state may store the inputs of a chain of such ops instead of its
+# outputs: the backward recomputes the chain for a small fraction of a step's cost. Every
+# other op (matrix products, convolutions, control flow, random ops) is expensive: its output
+# is stored when a backward needs what it feeds.
+_CHEAP_OPS = frozenset({
+    "Identity", "IdentityN", "StopGradient", "Cast", "Const",
+    "Add", "AddV2", "AddN", "BiasAdd", "Sub", "Mul", "MulNoNan", "RealDiv", "Div", "DivNoNan",
+    "FloorDiv", "FloorMod", "Neg", "Reciprocal", "Square", "SquaredDifference", "Sqrt",
+    "Rsqrt", "Exp", "Expm1", "Log", "Log1p", "Pow", "Abs", "Sign", "Maximum", "Minimum",
+    "Sigmoid", "Tanh", "Relu", "Relu6", "LeakyRelu", "Elu", "Selu", "Softplus", "Softsign",
+    "Erf", "Sin", "Cos", "ClipByValue", "Select", "SelectV2", "ZerosLike", "OnesLike", "Fill",
+    "Greater", "GreaterEqual", "Less", "LessEqual", "Equal", "NotEqual", "LogicalAnd",
+    "LogicalOr", "LogicalNot", "IsFinite",
+    "Split", "SplitV", "Slice", "StridedSlice", "Reshape", "ExpandDims", "Squeeze",
+    "ConcatV2", "Pack", "Unpack", "Shape", "ShapeN", "Size", "Rank", "BroadcastTo",
+    "Sum", "Mean", "Max", "Min", "Prod",
+})
+
+# TensorFlow's stateful random ops: each run draws new numbers, so a recomputed step would
+# not replay the first sweep's. (Stateless random ops, which Keras's random functions and
+# tf.random.stateless_* use, are replayed exactly from their seed.)
+_STATEFUL_RANDOM_OPS = frozenset({
+    "RandomUniform", "RandomUniformInt", "RandomStandardNormal", "TruncatedNormal",
+    "ParameterizedTruncatedNormal", "RandomGamma", "RandomGammaGrad", "RandomPoisson",
+    "RandomPoissonV2", "RandomShuffle", "Multinomial", "RandomCrop",
+    "StatefulUniform", "StatefulUniformInt", "StatefulUniformFullInt",
+    "StatefulStandardNormal", "StatefulStandardNormalV2", "StatefulTruncatedNormal",
+    "StatefulRandomBinomial", "RngSkip", "RngReadAndSkip", "NonDeterministicInts",
+    "ExperimentalRandomDataset", "AnonymousRandomSeedGenerator",
+})
+
+# Ops that touch a TensorFlow variable directly. The layer maps every Keras variable the
+# cell uses to a tensor; one of these in a step means a raw `tf.Variable`, whose reads the
+# executor cannot give gradients to and whose writes recomputation would repeat.
+_VARIABLE_OPS = frozenset({
+    "ReadVariableOp", "AssignVariableOp", "AssignAddVariableOp", "AssignSubVariableOp",
+    "ResourceGather", "ResourceGatherNd", "ResourceScatterUpdate", "ResourceScatterAdd",
+    "VarHandleOp", "VariableV2", "Assign", "AssignAdd", "AssignSub",
+})
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSignature:
+    """The tensors one step takes, as the sweeps pass them.
+
+    Attributes:
+        input_spec: one step's input, batch dimension first.
+        has_mask: whether the step takes a ``[batch]`` bool mask (else ``mask`` is None).
+        carry_specs: the carry's parts (batch first where `carry_batched`).
+        carry_batched: which carry parts have the batch dimension.
+        carry_differentiable: which carry parts get gradients (floating batched states;
+            not, e.g., a random seed threaded through the carry).
+        param_specs: values the step reads (the cell's variables, read outside the loops).
+        batch_size: the static batch size, or None.
+    """
+
+    input_spec: tf.TensorSpec
+    has_mask: bool
+    carry_specs: Tuple[tf.TensorSpec, ...]
+    carry_batched: Tuple[bool, ...]
+    carry_differentiable: Tuple[bool, ...]
+    param_specs: Tuple[tf.TensorSpec, ...]
+    batch_size: Optional[int]
+
+    @property
+    def input_differentiable(self) -> bool:
+        return self.input_spec.dtype.is_floating
+
+    @property
+    def param_differentiable(self) -> Tuple[bool, ...]:
+        return tuple(s.dtype.is_floating for s in self.param_specs)
+
+
+class _Traced(NamedTuple):
+    """The step's graph after `_trace`: placeholders, outputs and the gradient."""
+
+    wrapped: object  # the WrappedFunction
+    x: tf.Tensor
+    mask: Optional[tf.Tensor]
+    carry: List[tf.Tensor]
+    params: List[tf.Tensor]
+    constants: List[tf.Tensor]  # internal placeholders of captured tensors
+    output: tf.Tensor
+    new_carry: List[tf.Tensor]
+    d_output: tf.Tensor
+    d_carry: List[tf.Tensor]  # one per differentiable carry part
+    grads: List[tf.Tensor]  # [dx] + d_carry_prev (differentiable parts) + d_params (float)
+    forward_ops: list
+    backward_ops: list
+
+
+class _Classified(NamedTuple):
+    per_step: List[tf.Tensor]
+    invariants: List[tf.Tensor]
+    shape_feeds: List[tuple]  # (tensor, op type, static shape, dtype)
+    depends_on_carry: Callable
+
+
+class _Layout(NamedTuple):
+    compact: bool
+    internal: List[tf.Tensor]  # the components of an internal state, in order
+
+
+class StepProgram:
+    """The forward, backward, invariant and restart functions of one step.
+
+    Args:
+        step_fn: ``step_fn(x, mask, carry, params) -> (output, new_carry)`` on tensors
+            (`mask` is None when the signature has none; `carry` a flat list).
+        signature: a `StepSignature`.
+
+    Raises:
+        NotImplementedError: when the step does something the executor cannot replay or
+            store (a stateful random op, a raw TensorFlow variable, a residual that is not
+            a numeric tensor with static non-batch dimensions); the message names it and
+            the alternative.
+    """
+
+    def __init__(self, step_fn: Callable, signature: StepSignature):
+        self.signature = signature
+        traced = self._trace(step_fn)
+        classified = self._classify(traced)
+        layout = self._choose_layout(traced, classified)
+        self._prune(traced, classified, layout)
+
+    # -- 1. trace ----------------------------------------------------------------------
+    def _trace(self, step_fn) -> _Traced:
+        sig = self.signature
+        num_carry, num_params = len(sig.carry_specs), len(sig.param_specs)
+        record = {}
+
+        def traced(*args):
+            args = list(args)
+            x = args.pop(0)
+            mask = args.pop(0) if sig.has_mask else None
+            carry, params = args[:num_carry], args[num_carry:num_carry + num_params]
+            graph = tf.compat.v1.get_default_graph()
+            output, new_carry = step_fn(x, mask, list(carry), list(params))
+            new_carry = list(new_carry)
+            _check_new_carry(new_carry, sig)
+            num_forward_ops = len(graph.get_operations())
+            d_output = tf.compat.v1.placeholder(output.dtype, output.shape, name="d_output")
+            diff = [k for k, d in enumerate(sig.carry_differentiable) if d]
+            d_carry = [tf.compat.v1.placeholder(new_carry[k].dtype, new_carry[k].shape,
+                                                name=f"d_carry_{k}") for k in diff]
+            targets = [x] + [carry[k] for k in diff] + [
+                p for p, d in zip(params, sig.param_differentiable) if d]
+            ys = [output] + [new_carry[k] for k in diff]
+            if output.dtype.is_floating:
+                grads = tf.gradients(ys, targets, grad_ys=[d_output] + d_carry,
+                                     unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            else:  # a non-float output gets no gradient
+                grads = tf.gradients(ys[1:], targets, grad_ys=d_carry,
+                                     unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            if not sig.input_differentiable:
+                grads = [tf.zeros([0], tf.float32)] + list(grads[1:])
+            ops = graph.get_operations()
+            record.update(x=x, mask=mask, carry=list(carry), params=list(params),
+                          output=output, new_carry=new_carry, d_output=d_output,
+                          d_carry=d_carry, grads=list(grads),
+                          forward_ops=ops[:num_forward_ops], backward_ops=ops[num_forward_ops:])
+            return [output] + new_carry + list(grads)
+
+        specs = ([sig.input_spec]
+                 + ([tf.TensorSpec([sig.input_spec.shape[0]], tf.bool)] if sig.has_mask else [])
+                 + list(sig.carry_specs) + list(sig.param_specs))
+        wrapped = tf.compat.v1.wrap_function(traced, specs)
+        _check_forward_ops(record["forward_ops"])
+        constants, self.captured = [], []
+        for external, internal in wrapped.graph.captures:
+            if external.dtype == tf.resource:
+                raise NotImplementedError(_raw_variable_message(internal))
+            constants.append(internal)
+            self.captured.append(external)
+        self.constant_specs = [tf.TensorSpec(c.shape, c.dtype) for c in constants]
+        return _Traced(wrapped=wrapped, constants=constants, **record)
+
+    # -- 2. classify -------------------------------------------------------------------
+    def _classify(self, r: _Traced) -> _Classified:
+        forward_ops = set(r.forward_ops)
+        carry_ids = {id(c) for c in r.carry}
+        step_inputs = {id(r.x)} | ({id(r.mask)} if r.mask is not None else set())
+        candidates, shape_reads = [], []
+        for op in r.backward_ops:
+            for tensor in op.inputs:
+                if tensor.op not in forward_ops:
+                    continue
+                if op.type in _SHAPE_OPS:
+                    shape_reads.extend(o for o in op.outputs
+                                       if not any(o is s for s in shape_reads))
+                elif op.type in ("ZerosLike", "OnesLike"):
+                    # Only the shape is read (e.g. the gradient of a carry part that does
+                    # not reach the output): fed like a Shape op's result, see `_fill_like`.
+                    shape_reads.extend(o for o in op.outputs
+                                       if not any(o is s for s in shape_reads))
+                elif not any(tensor is t for t in candidates):
+                    candidates.append(tensor)
+        shape_feeds = []
+        batch = self.signature.batch_size
+        for out in shape_reads:
+            source = out.op.inputs[out.value_index if out.op.type == "ShapeN" else 0]
+            static = source.shape
+            dims = static.as_list() if static.rank is not None else None
+            if dims is None or any(d is None for d in dims[1:]) or (
+                    dims and dims[0] is None and batch is not None):
+                raise NotImplementedError(
+                    f"The cell's gradient reads the shape of {source.name}, whose shape "
+                    f"{static} is not static apart from the batch dimension. Use "
+                    "keras.layers.RNN for this cell.")
+            shape_feeds.append((out, out.op.type, dims, out.dtype))
+        depends_on_carry = _depends_on(carry_ids)
+        depends_on_inputs = _depends_on(step_inputs)
+        per_step, invariants = [], []
+        captured = {id(t) for t in r.constants}
+        for tensor in candidates:
+            if id(tensor) in captured:
+                continue  # every pruned function takes the constants (see `_call`)
+            if depends_on_carry(tensor):
+                per_step.append(tensor)
+            elif not depends_on_inputs(tensor):
+                invariants.append(tensor)
+            # Otherwise a function of x_i and the mask bit (and params, constants): the
+            # backward recomputes it from those, so it is never stored.
+        return _Classified(per_step, invariants, shape_feeds, depends_on_carry)
+
+    # -- 3. layout ---------------------------------------------------------------------
+    def _choose_layout(self, r: _Traced, c: _Classified) -> _Layout:
+        new_carry_ids = {id(t) for t in r.new_carry}
+        residuals = r.new_carry + [t for t in c.per_step if id(t) not in new_carry_ids]
+        order = {id(op): n for n, op in enumerate(r.forward_ops)}
+        carry_ids = {id(t) for t in r.carry}
+        frontier = _cheap_frontier(c.per_step + r.new_carry, carry_ids, c.depends_on_carry)
+        frontier.sort(key=lambda t: (order.get(id(t.op), -1), t.value_index))
+        batch = self.signature.batch_size
+        compact = (bool(frontier) and all(_storable(t, batch) for t in frontier)
+                   and _row_bytes(frontier, batch) < _row_bytes(residuals, batch))
+        internal = frontier if compact else residuals
+        for tensor in internal:
+            if not _storable(tensor, batch):
+                raise NotImplementedError(_unstorable_message(tensor, batch))
+        return _Layout(compact, internal)
+
+    # -- 4. prune ----------------------------------------------------------------------
+    def _prune(self, r: _Traced, c: _Classified, layout: _Layout):
+        sig = self.signature
+        self.compact = layout.compact
+        batch = sig.batch_size
+        self.internal_specs = [tf.TensorSpec(t.shape, t.dtype) for t in layout.internal]
+        self.internal_batched = [_is_batched(t, batch) for t in layout.internal]
+        self.output_spec = tf.TensorSpec(r.output.shape, r.output.dtype)
+        self.hidden_bytes_per_row = _row_bytes(r.new_carry, batch, unbatched=False)
+        self.internal_bytes_per_row = _row_bytes(layout.internal, batch, unbatched=False)
+        self.hidden_unbatched_bytes = _unbatched_bytes(r.new_carry, batch)
+        self.internal_unbatched_bytes = _unbatched_bytes(layout.internal, batch)
+        mask = [r.mask] if r.mask is not None else []
+        # The constants stay captured inputs of every pruned function (`prune` keeps all of
+        # the trace's captures, in order); `_call` feeds them.
+        step_feeds = [r.x] + mask + r.params
+        # Internal components that are the step's own carry inputs are taken as they came
+        # in, not passed through the forward function.
+        carry_position = {id(t): k for k, t in enumerate(r.carry)}
+        self._internal_source = [carry_position.get(id(t), -1) for t in layout.internal]
+        computed = [t for t in layout.internal if id(t) not in carry_position]
+        self._forward = r.wrapped.prune(step_feeds[:1 + len(mask)] + r.carry + r.params,
+                                        [r.output] + r.new_carry + computed)
+        # Invariants with a value known now (constants, static shapes) are passed as
+        # constants: computed through a function of the params, XLA would treat the params
+        # as compile-time constants and recompile after every update.
+        self._static_invariants = [tf.get_static_value(t) for t in c.invariants]
+        dynamic = [t for t, v in zip(c.invariants, self._static_invariants) if v is None]
+        self._invariants = r.wrapped.prune(r.params, dynamic) if dynamic else None
+        self._shape_feeds = [(op_type, dims, dtype) for _, op_type, dims, dtype in c.shape_feeds]
+        backward_feeds = (layout.internal + [f[0] for f in c.shape_feeds] + c.invariants
+                          + step_feeds + [r.d_output] + r.d_carry)
+        self._backward_unique_index = _unique_index(backward_feeds)
+        feeds = _unique(backward_feeds)
+        self._backward = {True: r.wrapped.prune(feeds, r.grads),
+                          False: r.wrapped.prune(feeds, r.grads[1:])}
+        if self.compact:
+            restart_feeds = layout.internal + step_feeds
+            self._restart = r.wrapped.prune(_unique(restart_feeds), r.new_carry)
+            self._restart_index = _unique_index(restart_feeds)
+
+    # -- sizes --------------------------------------------------------------------------
+    def hidden_bytes(self, batch_size: Optional[int] = None) -> float:
+        """Bytes of one hidden state (per batch row when `batch_size` is None)."""
+        if batch_size is None:
+            return float(self.hidden_bytes_per_row)
+        return float(self.hidden_bytes_per_row * batch_size + self.hidden_unbatched_bytes)
+
+    def internal_bytes(self, batch_size: Optional[int] = None) -> float:
+        if batch_size is None:
+            return float(self.internal_bytes_per_row)
+        return float(self.internal_bytes_per_row * batch_size + self.internal_unbatched_bytes)
+
+    @property
+    def alpha(self) -> float:
+        """What an internal state costs in hidden states (bytes per batch row, the few
+        bytes of unbatched parts aside). At least 1: in the checkpointing game an internal
+        state is never cheaper than the hidden state it restarts from."""
+        hidden = max(self.hidden_bytes(self.signature.batch_size), 1.0)
+        return max(1.0, self.internal_bytes(self.signature.batch_size) / hidden)
+
+    # -- calls ---------------------------------------------------------------------------
+    def invariants(self, params, constants) -> List[tf.Tensor]:
+        dynamic = iter(_call(self._invariants, list(params), constants)
+                       if self._invariants else [])
+        return [next(dynamic) if value is None else tf.constant(value)
+                for value in self._static_invariants]
+
+    def forward(self, x, mask, carry, params, constants):
+        """One step: ``(output, new_carry, internal)``; `internal` lists the components of
+        the step's internal state (by reference: nothing is copied)."""
+        mask_args = [mask] if self.signature.has_mask else []
+        out = _call(self._forward, [x] + mask_args + list(carry) + list(params), constants)
+        num_carry = len(self.signature.carry_specs)
+        output = _with_shape(out[0], self.output_spec.shape)
+        new_carry = [_with_shape(t, s.shape)
+                     for t, s in zip(out[1:1 + num_carry], self.signature.carry_specs)]
+        computed = iter(out[1 + num_carry:])
+        internal = [carry[k] if k >= 0 else next(computed) for k in self._internal_source]
+        internal = [_with_shape(t, s.shape) for t, s in zip(internal, self.internal_specs)]
+        return output, new_carry, internal
+
+    def backward(self, internal, x, mask, params, constants, invariants, d_output, d_carry,
+                 batch, need_dx):
+        """Gradients of one step from its internal state: ``(dx, d_carry_prev, d_params)``,
+        `d_carry` and `d_carry_prev` over the differentiable carry parts, `d_params` over
+        the floating params; dx is None unless `need_dx`."""
+        shape_values = [_shape_value(op_type, dims, dtype, batch)
+                        for op_type, dims, dtype in self._shape_feeds]
+        mask_args = [mask] if self.signature.has_mask else []
+        feeds = (list(internal) + shape_values + list(invariants) + [x] + mask_args
+                 + list(params) + [d_output] + list(d_carry))
+        unique = _gather_unique(feeds, self._backward_unique_index)
+        grads = list(_call(self._backward[need_dx], unique, constants))
+        if not need_dx:
+            grads = [None] + grads
+        num_diff = len(d_carry)
+        dx = _with_shape(grads[0], x.shape) if need_dx else None
+        d_prev = [_with_shape(g, d.shape) for g, d in zip(grads[1:1 + num_diff], d_carry)]
+        d_params = [_with_shape(g, s.shape) for g, s in zip(
+            grads[1 + num_diff:],
+            [s for s, d in zip(self.signature.param_specs,
+                               self.signature.param_differentiable) if d])]
+        return dx, d_prev, d_params
+
+    def carry_of_internal(self, internal, x, mask, params, constants) -> List[tf.Tensor]:
+        """``h_i`` from an internal state ``I_i`` (x and mask are step i's)."""
+        num_carry = len(self.signature.carry_specs)
+        if not self.compact:
+            return list(internal[:num_carry])
+        mask_args = [mask] if self.signature.has_mask else []
+        feeds = list(internal) + [x] + mask_args + list(params)
+        out = _call(self._restart, _gather_unique(feeds, self._restart_index), constants)
+        return [_with_shape(t, s.shape) for t, s in zip(out, self.signature.carry_specs)]
+
+
+# --------------------------------------------------------------------------------------
+# Checks and messages
+# --------------------------------------------------------------------------------------
+def _check_new_carry(new_carry, sig):
+    if len(new_carry) != len(sig.carry_specs):
+        raise ValueError(f"The step returned {len(new_carry)} state tensors; the layer "
+                         f"expects {len(sig.carry_specs)}.")
+    for k, (tensor, spec) in enumerate(zip(new_carry, sig.carry_specs)):
+        if tensor.dtype != spec.dtype or not tensor.shape.is_compatible_with(spec.shape):
+            raise ValueError(
+                f"State tensor {k} returned by the cell has dtype {tensor.dtype.name} and "
+                f"shape {tensor.shape}, but the initial state has dtype {spec.dtype.name} "
+                f"and shape {spec.shape}: a recurrent state must keep its dtype and shape "
+                "from step to step.")
+
+
+def _check_forward_ops(ops):
+    for op in ops:
+        if op.type in _STATEFUL_RANDOM_OPS:
+            raise NotImplementedError(
+                f"The cell uses TensorFlow's stateful random op {op.type} ({op.name}): it "
+                "draws new numbers every time it runs, so a step recomputed for the "
+                "gradient would not see the numbers of the first pass, and its gradient "
+                "would be wrong. Draw the numbers with Keras's random functions and a "
+                "seed generator (`keras.random.normal(shape, seed=self.seed_generator)` "
+                "with `self.seed_generator = keras.random.SeedGenerator(seed)` in the "
+                "cell, or a `keras.layers.Dropout` sublayer), or with "
+                "`tf.random.stateless_*` and a seed derived from the state; or use "
+                "keras.layers.RNN for this cell.")
+        if op.type in _VARIABLE_OPS:
+            raise NotImplementedError(_raw_variable_message(op))
+
+
+def _raw_variable_message(where) -> str:
+    return (f"The cell reads or writes a TensorFlow variable directly ({where.name}) rather "
+            "than a Keras variable: MemoryEfficientRNN maps each Keras variable the cell "
+            "uses to a tensor so that recomputed steps neither repeat its updates nor "
+            "lose its gradient. Create the variable with `self.add_weight(...)` (or "
+            "`keras.Variable`), or use keras.layers.RNN for this cell.")
+
+
+def _unstorable_message(tensor, batch) -> str:
+    return (f"A tensor that the cell's backward needs, {tensor.name} (dtype "
+            f"{tensor.dtype.name}, shape {tensor.shape}), cannot be stored: an internal state "
+            "holds numeric or bool tensors whose dimensions are static apart from the batch "
+            "dimension. This happens, e.g., with a data-dependent `tf.cond` inside the "
+            "cell (its gradient keeps TensorFlow optionals); compute both branches and "
+            "select with `tf.where`, or use keras.layers.RNN for this cell.")
+
+
+# --------------------------------------------------------------------------------------
+# Graph helpers
+# --------------------------------------------------------------------------------------
+def _is_batched(tensor, batch) -> bool:
+    shape = tensor.shape
+    return shape.rank is not None and shape.rank >= 1 and shape[0] == batch
+
+
+def _storable(tensor, batch) -> bool:
+    """A tensor an internal state can hold: numeric or bool, and static apart from a
+    leading batch dimension."""
+    dtype = tensor.dtype
+    if not (dtype.is_floating or dtype.is_integer or dtype == tf.bool):
+        return False
+    shape = tensor.shape
+    if shape.rank is None:
+        return False
+    dims = shape.as_list()
+    if _is_batched(tensor, batch):
+        dims = dims[1:]
+    return all(d is not None for d in dims)
+
+
+def _row_bytes(tensors, batch, unbatched=True) -> int:
+    """Bytes per batch row of the batched tensors (an unstorable one counts as too large
+    to afford); unbatched ones add their bytes when `unbatched` (spread over the rows when
+    the batch size is known, else counted whole: a rough but safe figure)."""
+    total = 0.0
+    for t in tensors:
+        if not _storable(t, batch):
+            return 1 << 62
+        size = int(np.prod(t.shape.as_list()[1:] if _is_batched(t, batch)
+                           else t.shape.as_list())) * t.dtype.size
+        if _is_batched(t, batch):
+            total += size
+        elif unbatched:
+            total += size / batch if batch else size
+    return total
+
+
+def _unbatched_bytes(tensors, batch) -> int:
+    return sum(int(np.prod(t.shape.as_list())) * t.dtype.size
+               for t in tensors if not _is_batched(t, batch))
+
+
+def _depends_on(source_ids):
+    """A memoized test: does a tensor depend (through data inputs) on any source tensor?"""
+    memo = {}
+
+    def depends(tensor):
+        key = id(tensor)
+        if key not in memo:
+            memo[key] = key in source_ids
+            if not memo[key]:
+                memo[key] = any(depends(t) for t in tensor.op.inputs)
+        return memo[key]
+
+    return depends
+
+
+def _cheap_frontier(targets, carry_ids, depends):
+    """The tensors the carry-dependent `targets` are computed from by cheap ops alone: walk
+    back from each target through `_CHEAP_OPS`, stopping at a carry input or the output of
+    an expensive op. Tensors that do not depend on the carry are recomputed from the step's
+    inputs and params, so the walk ignores them (as the residuals layout does)."""
+    frontier, seen, pending = [], set(), list(targets)
+    while pending:
+        tensor = pending.pop()
+        if id(tensor) in seen or not depends(tensor):
+            continue
+        seen.add(id(tensor))
+        # An op with control inputs is never recomputed: recomputing it would rerun them.
+        if (id(tensor) in carry_ids or tensor.op.type not in _CHEAP_OPS
+                or tensor.op.control_inputs):
+            frontier.append(tensor)
+        else:
+            pending.extend(tensor.op.inputs)
+    return frontier
+
+
+def _shape_value(op_type, dims, dtype, batch):
+    """The value of a Shape/Size/Rank op (or the tensor a ZerosLike/OnesLike made) from the
+    static shape of what it read and the runtime batch size."""
+    if op_type in ("ZerosLike", "OnesLike"):
+        shape = [batch if d is None else d for d in dims]
+        fill = tf.zeros if op_type == "ZerosLike" else tf.ones
+        return fill(tf.stack(shape) if any(d is None for d in dims) else shape, dtype)
+    values = [tf.cast(batch, dtype) if d is None else tf.constant(d, dtype) for d in dims]
+    if op_type in ("Shape", "ShapeN"):
+        return tf.stack(values) if values else tf.zeros([0], dtype)
+    if op_type == "Size":
+        return tf.reduce_prod(tf.stack(values)) if values else tf.constant(1, dtype)
+    return tf.constant(len(dims), dtype)  # Rank
+
+
+def _call(function, args, constants):
+    """Calls a pruned function with `constants` in place of the tensors its trace captured
+    (a cell's dropout masks are drawn anew for every call). `ConcreteFunction._call_flat`
+    takes the captured inputs explicitly; `tests/test_internals.py` fails loudly if a
+    TensorFlow release changes it."""
+    if not constants:
+        return function(*args)
+    return function._call_flat(list(args), list(constants))
+
+
+def _gather_unique(values, unique_index):
+    """The values at their first positions, for a function pruned with `_unique` feeds."""
+    unique = [None] * (max(unique_index) + 1 if values else 0)
+    for value, index in zip(values, unique_index):
+        unique[index] = value
+    return unique
+
+
+def _with_shape(tensor, shape):
+    """Gives a function output its static shape back (pruned functions may lose it)."""
+    if isinstance(tensor, tf.Tensor) and not tf.executing_eagerly():
+        tensor.set_shape(shape)
+    return tensor
+
+
+def _unique(tensors):
+    seen, out = set(), []
+    for t in tensors:
+        if id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
+    return out
+
+
+def _unique_index(tensors):
+    index, out = {}, []
+    for t in tensors:
+        if id(t) not in index:
+            index[id(t)] = len(index)
+        out.append(index[id(t)])
+    return out

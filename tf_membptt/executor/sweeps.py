@@ -1,0 +1,216 @@
+"""The two sweeps of a planned training step, on any store.
+
+`forward_sweep` is the first sweep: it evaluates steps ``1..T`` and stores what the plan
+says (one row of `Locations.first_sweep` per step). `backward_sweep` is the gradient: one
+loop over the plan's segments, each restoring the cursor, evaluating the steps it must
+recompute (an inner loop over `Locations.advances`, storing as the rows say) and running
+its backwards (an inner loop over `Locations.backwards`). No loop dispatches on an op
+kind: every evaluation writes where its row says (see `store.py`), every backward reads its
+internal state from the store, so an iteration is the cell's own work plus a few table
+reads and store moves.
+
+Invariants:
+* at the top of a segment iteration, the store holds exactly the states the plan holds
+  before that segment's restore;
+* in the advance loop, `cursor` is the hidden state after the last evaluated step;
+* in the backward loop, `d_carry` is the gradient of the loss with respect to the hidden
+  state after the step whose backward runs next, and `d_params` the sum of the params'
+  gradients over the backwards already run (one step's gradient is added at a time).
+
+Graph size and trace time do not depend on ``T``: the tables are constants.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import List, Optional
+
+import numpy as np
+import tensorflow as tf
+
+from tf_membptt import segments as seg
+from tf_membptt.executor import store as st
+
+
+@dataclasses.dataclass
+class StepInputs:
+    """What every evaluation and backward reads besides the carry.
+
+    Attributes:
+        xs: the input sequence, batch-major ``[batch, T, ...]`` (one step is gathered per
+            evaluation: a time-major copy would double the input's memory).
+        masks: ``[T, batch]`` bool in processing order, or None.
+        params: the cell's variable values; constants: tensors the step captures.
+        go_backwards: whether processing runs from the last input to the first.
+        batch: the batch size (a scalar tensor).
+    """
+
+    xs: tf.Tensor
+    masks: Optional[tf.Tensor]
+    params: List[tf.Tensor]
+    constants: List[tf.Tensor]
+    go_backwards: bool
+    batch: tf.Tensor
+
+    def at(self, position):
+        """Input and mask of the step at processing `position` (0-based)."""
+        num_steps = self.xs.shape[1] if self.xs.shape[1] is not None else tf.shape(self.xs)[1]
+        column = num_steps - 1 - position if self.go_backwards else position
+        x = tf.gather(self.xs, column, axis=1)
+        mask = None if self.masks is None else tf.gather(self.masks, position)
+        return x, mask
+
+
+def forward_sweep(program, store, locations: st.Locations, inputs: StepInputs, carry0,
+                  return_sequences: bool, num_steps: int):
+    """The first sweep: ``(last_output, outputs, final_carry, store_state)``; `outputs`
+    is time-major in processing order (or None)."""
+    table = tf.constant(locations.first_sweep)
+    output_spec = program.output_spec
+    outputs = tf.TensorArray(output_spec.dtype, size=num_steps if return_sequences else 0,
+                             element_shape=output_spec.shape)
+    last_output = tf.zeros(tf.concat([[inputs.batch], output_spec.shape[1:]], 0),
+                           output_spec.dtype)
+
+    def body(t, state, outputs, last_output, *carry):
+        x, mask = inputs.at(t)
+        output, new_carry, internal = program.forward(x, mask, list(carry), inputs.params,
+                                                      inputs.constants)
+        state = store.after_evaluation(state, tf.unstack(table[t]), new_carry, internal,
+                                       first_sweep=True)
+        if return_sequences:
+            outputs = outputs.write(t, output)
+        return (t + 1, state, outputs, output) + tuple(new_carry)
+
+    state = store.empty(carry0, inputs.batch)
+    result = tf.while_loop(lambda t, *_: t < num_steps, body,
+                           (tf.constant(0), state, outputs, last_output) + tuple(carry0),
+                           maximum_iterations=num_steps)
+    _, state, outputs, last_output = result[:4]
+    final_carry = list(result[4:])
+    state = store.finish_first_sweep(state)
+    return (last_output, outputs.stack() if return_sequences else None, final_carry, state)
+
+
+def backward_sweep(program, store, locations: st.Locations, segments_: seg.Segments,
+                   inputs: StepInputs, state, final_carry, d_final_carry, d_outputs, d_last,
+                   need_dx: bool):
+    """The gradient: ``(dxs, d_carry0, d_params)``. `d_final_carry` holds the gradients of
+    the differentiable carry parts after step ``T``; `d_outputs` (time-major, processing
+    order) or `d_last` the output gradients. `dxs` is batch-major (None unless
+    `need_dx`)."""
+    num_steps = segments_.num_steps
+    invariants = program.invariants(inputs.params, inputs.constants)
+    signature = program.signature
+    diff_params = [p for p, d in zip(inputs.params, signature.param_differentiable) if d]
+    output_spec = program.output_spec
+    zero_output = tf.zeros(tf.concat([[inputs.batch], output_spec.shape[1:]], 0),
+                           output_spec.dtype)
+    backward_table = tf.constant(locations.backwards)
+    dxs = (tf.TensorArray(signature.input_spec.dtype, size=num_steps,
+                          element_shape=signature.input_spec.shape)
+           if need_dx else tf.zeros([0]))  # a placeholder loop variable
+
+    def run_backward(j, state, d_carry, d_params, dxs):
+        row = tf.unstack(backward_table[j])
+        step, at = row[st.BWD_STEP], row[st.BWD_AT]
+        internal = store.read_internal(state, at)
+        state = store.free_internal(state, at)
+        x, mask = inputs.at(step - 1)
+        if d_outputs is not None:
+            d_out = tf.gather(d_outputs, step - 1)
+        else:
+            d_out = tf.where(tf.equal(step, num_steps), d_last, zero_output)
+        dx, d_prev, grads = program.backward(internal, x, mask, inputs.params,
+                                             inputs.constants, invariants, d_out, d_carry,
+                                             inputs.batch, need_dx)
+        d_params = [a + g for a, g in zip(d_params, grads)]
+        if need_dx:
+            dxs = dxs.write(step - 1, dx)
+        return state, d_prev, d_params, dxs
+
+    def backward_loop(begin, end, state, d_carry, d_params, dxs):
+        def body(j, state, d_carry, d_params, dxs):
+            return (j + 1,) + run_backward(j, state, d_carry, d_params, dxs)
+
+        # One iteration at a time: with TensorFlow's default of 10 in flight, the params'
+        # gradients of later steps are computed ahead of the running sum and held at once
+        # (measured: 11 copies of dW at the peak instead of 2).
+        result = tf.while_loop(lambda j, *_: j < end, body,
+                               (begin, state, d_carry, d_params, dxs),
+                               maximum_iterations=max(segments_.max_backwards, 1),
+                               parallel_iterations=1)
+        return result[1:]
+
+    d_carry = [tf.zeros_like(final_carry[k]) if d is None else d
+               for k, d in zip([k for k, diff in enumerate(signature.carry_differentiable)
+                                if diff], d_final_carry)]
+    d_params = [tf.zeros_like(p) for p in diff_params]
+    first = segments_.segments[0]
+    if first[8] > first[7]:
+        state, d_carry, d_params, dxs = backward_loop(
+            tf.constant(int(first[7])), tf.constant(int(first[8])), state, d_carry,
+            d_params, dxs)
+    if len(segments_.segments) > 1:
+        state, d_carry, d_params, dxs = _segment_loop(
+            program, store, locations, segments_, inputs, state, d_carry, d_params, dxs,
+            backward_loop)
+    if need_dx:  # rows are in processing order; the input is batch-major
+        dxs = dxs.stack()
+        if inputs.go_backwards:
+            dxs = tf.reverse(dxs, [0])
+        dxs = tf.transpose(dxs, [1, 0] + list(range(2, len(dxs.shape))))
+    else:
+        dxs = None
+    return dxs, d_carry, d_params
+
+
+def _segment_loop(program, store, locations, segments_, inputs, state, d_carry, d_params,
+                  dxs, backward_loop):
+    """Segments 1..S-1: restore the cursor, evaluate, run the backwards."""
+    segment_table = tf.constant(locations.segments[1:])
+    advance_table = tf.constant(locations.advances)
+    restore_kinds = {int(k) for k in np.unique(segments_.segments[1:, 0])}
+    frees_hidden = bool(np.any(segments_.segments[1:, 4]))
+    max_advances = max(segments_.max_advances, 1)
+
+    def advance_loop(begin, end, state, cursor):
+        def body(i, state, *cursor):
+            row = tf.unstack(advance_table[i])
+            x, mask = inputs.at(row[st.ADV_STEP] - 1)
+            _, new_carry, internal = program.forward(x, mask, list(cursor), inputs.params,
+                                                     inputs.constants)
+            state = store.after_evaluation(state, row, new_carry, internal,
+                                           first_sweep=False)
+            return (i + 1, state) + tuple(new_carry)
+
+        result = tf.while_loop(lambda i, *_: i < end, body, (begin, state) + tuple(cursor),
+                               maximum_iterations=max_advances)
+        return result[1]
+
+    def body(k, state, d_carry, d_params, dxs):
+        row = tf.unstack(segment_table[k])
+        restored_step = row[st.SEG_RESTORE_STEP]
+
+        def restart(internal):
+            # I_s restarts the cursor at h_s, recomputed from it with step s's input.
+            x, mask = inputs.at(restored_step - 1)
+            return program.carry_of_internal(internal, x, mask, inputs.params,
+                                             inputs.constants)
+
+        cursor = store.restore(state, row[st.SEG_RESTORE_KIND], row[st.SEG_RESTORE_AT],
+                               restart, restore_kinds)
+        if frees_hidden:
+            state = store.free_hidden(state, row[st.SEG_FREE_AT])
+        state = advance_loop(row[st.SEG_ADVANCE_BEGIN], row[st.SEG_ADVANCE_END], state,
+                             cursor)
+        state, d_carry, d_params, dxs = backward_loop(
+            row[st.SEG_BACKWARD_BEGIN], row[st.SEG_BACKWARD_END], state, d_carry, d_params,
+            dxs)
+        return k + 1, state, d_carry, d_params, dxs
+
+    result = tf.while_loop(lambda k, *_: k < len(locations.segments) - 1, body,
+                           (tf.constant(0), state, d_carry, d_params, dxs),
+                           maximum_iterations=len(locations.segments) - 1,
+                           parallel_iterations=1)
+    return result[1:]
