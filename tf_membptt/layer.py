@@ -177,6 +177,14 @@ class MemoryEfficientRNN(keras.layers.RNN):
             carry0.append(tf.zeros(tf.concat([[batch], output_spec.shape[1:]], 0),
                                    output_spec.dtype))
         carry0 += variable_states
+        offset = len(flat_states) + (1 if carries_output else 0)
+        if step.assigned:
+            # keras.layers.RNN calls the cell once more before its loop, on the first input
+            # and the initial states, to learn the output's shape; the call's variable
+            # updates stay (a seed generator advances, a counter counts). So here too.
+            unmasked = tf.ones(tf.stack([batch]), tf.bool) if has_mask else None
+            _, time_zero = step(sequences[:, 0], unmasked, carry0, params)
+            carry0 = carry0[:offset] + list(time_zero[offset:])
         signature = signature_for(
             _spec(sequences[:, 0]), has_mask, [_spec(s) for s in flat_states],
             tf.TensorSpec(sequences.shape[:1].concatenate(output_spec.shape[1:]),
@@ -194,8 +202,11 @@ class MemoryEfficientRNN(keras.layers.RNN):
 
         if gradient_possible:
             program, plan = prepare()
-            need_dx = (sequences.dtype.is_floating
-                       and executor.watched([sequences]))
+            # Eagerly, a tape that does not watch the input now never will. While a
+            # function is traced, its input may still be differentiated from outside (a
+            # tape around the function's call), so the input gradient is always built.
+            need_dx = sequences.dtype.is_floating and (
+                not tf.executing_eagerly() or executor.watched([sequences]))
             last_output, outputs, carry = executor.run_planned(
                 program, plan, inputs, carry0, self.return_sequences, need_dx)
         else:
@@ -206,7 +217,6 @@ class MemoryEfficientRNN(keras.layers.RNN):
                 [k for k, d in enumerate(signature.param_differentiable) if d])
         # The cell's variable updates, applied once, with the values keras.layers.RNN would
         # leave after its T steps.
-        offset = len(flat_states) + (1 if carries_output else 0)
         for variable, value in zip(step.assigned, carry[offset:]):
             variable.assign(value)
         new_states = tf.nest.pack_sequence_as(state_structure, carry[:len(flat_states)])
