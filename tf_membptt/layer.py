@@ -200,6 +200,17 @@ class MemoryEfficientRNN(keras.layers.RNN):
             program = self._program(step, signature, discovery)
             return program, self._make_plan(program, num_steps, sequences.shape[0])
 
+        if not gradient_possible and discovery.captured and num_steps is not None:
+            # The cell holds per-call tensors (e.g. dropout masks, which keras.layers.RNN
+            # clears after the call): a gradient asked for later must trace the cell now,
+            # as it is. An error waits for the gradient (inference must not fail).
+            try:
+                prepared = prepare()
+                prepare = lambda: prepared  # noqa: E731
+            except (NotImplementedError, ValueError) as error:
+                def prepare(error=error):
+                    raise error
+
         if gradient_possible:
             program, plan = prepare()
             # Eagerly, a tape that does not watch the input now never will. While a

@@ -172,7 +172,7 @@ def run_planned(program: StepProgram, plan, inputs: sweeps.StepInputs, carry0,
                     program, store, locations, segments_, step_inputs, state, final_carry,
                     list(d_final_carry), d_outputs, d_last, need_dx)
             return _first_order_only(([dxs] if need_dx else []) + list(d_carry0)
-                                     + list(d_params))
+                                     + list(d_params), args)
 
         result = outputs if return_sequences else last_output
         return (result,) + tuple(final_carry[k] for k in diff.carry), grad
@@ -201,8 +201,8 @@ def run_deferred(step_fn: Callable, prepare: Callable, inputs: sweeps.StepInputs
     side = {}
 
     @tf.custom_gradient
-    def deferred(*args):
-        args = list(args)
+    def deferred(*sources):
+        args = list(sources)
         xs = args.pop(0) if need_dx else inputs.xs
         carry, params = list(carry0), list(inputs.params)
         for k in differentiable_carry:
@@ -236,7 +236,7 @@ def run_deferred(step_fn: Callable, prepare: Callable, inputs: sweeps.StepInputs
                 d_result if return_sequences else None,
                 None if return_sequences else d_result, need_dx)
             return _first_order_only(([dxs] if need_dx else []) + list(d_carry0)
-                                     + list(d_params))
+                                     + list(d_params), sources)
 
         result = outputs if return_sequences else last_output
         return (result,) + tuple(final_carry[k] for k in differentiable_carry), grad
@@ -258,9 +258,14 @@ def _failing_gradients(message, like):
         return [tf.zeros_like(t) for t in like]
 
 
-def _first_order_only(grads):
+def _first_order_only(grads, sources):
     """`grads` through an identity whose own gradient raises: differentiating them again
-    (a second-order gradient) fails where it is asked for, with `SECOND_ORDER_MESSAGE`."""
+    (a second-order gradient) fails where it is asked for, with `SECOND_ORDER_MESSAGE`.
+
+    The identity also takes `sources`, the custom gradient's inputs as the caller passed
+    them: the gradients are computed from copies no tape sees, so without this link an
+    outer tape would take them for constants and return no second-order gradient at all,
+    silently."""
     if not grads:
         return []
 
@@ -269,9 +274,9 @@ def _first_order_only(grads):
         def second_order(*unused):
             raise NotImplementedError(SECOND_ORDER_MESSAGE)
 
-        return tuple(tf.identity(v) for v in values), second_order
+        return tuple(tf.identity(v) for v in values[:len(grads)]), second_order
 
-    return list(identity(*grads))
+    return list(identity(*grads, *sources))
 
 
 def _or_empty(tensor):

@@ -216,7 +216,8 @@ class StepProgram:
         specs = ([sig.input_spec]
                  + ([tf.TensorSpec([sig.input_spec.shape[0]], tf.bool)] if sig.has_mask else [])
                  + list(sig.carry_specs) + list(sig.param_specs))
-        wrapped = tf.compat.v1.wrap_function(traced, specs)
+        with _plain_cond_intermediates():
+            wrapped = tf.compat.v1.wrap_function(traced, specs)
         _check_forward_ops(record["forward_ops"])
         constants, self.captured = [], []
         for external, internal in wrapped.graph.captures:
@@ -551,6 +552,22 @@ def _shape_value(op_type, dims, dtype, batch):
     if op_type == "Size":
         return tf.reduce_prod(tf.stack(values)) if values else tf.constant(1, dtype)
     return tf.constant(len(dims), dtype)  # Rank
+
+
+def _plain_cond_intermediates():
+    """A context in which the gradient of a `tf.cond` keeps the intermediates it needs as
+    plain tensors (as under XLA) rather than TensorFlow optionals, which an internal state
+    cannot store. (The other branch's intermediates are then unused placeholder values.)
+    `tests/test_internals.py` fails loudly if TensorFlow moves this internal switch; without
+    it, a cell with a data-dependent `tf.cond` is refused with a clear error."""
+    try:
+        from tensorflow.python.eager import context
+
+        return context.temporarily_disable_optionals_in_gradients()
+    except (ImportError, AttributeError):  # pragma: no cover - internal API moved
+        import contextlib
+
+        return contextlib.nullcontext()
 
 
 def _call(function, args, constants):
