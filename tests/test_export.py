@@ -130,8 +130,8 @@ def test_reloaded_saved_model_fine_tunes_with_the_planned_gradient(tmp_path):
     applying them to the restored variables trains it like the original."""
     model = _trained_model()
     path = str(tmp_path / "sm")
-    # The gradient graph is explicit in `loss_and_gradients`; the custom gradient function
-    # itself cannot be serialized (see the xfail test below), hence False.
+    # The gradient graph is explicit in `loss_and_gradients`: it needs no saved custom
+    # gradient (the test below saves it too).
     _export_with_training_endpoints(model, path, custom_gradients=False)
     restored = tf.saved_model.load(path)
     x, y = _data(seed=3)
@@ -162,17 +162,11 @@ def test_reloaded_saved_model_fine_tunes_with_the_planned_gradient(tmp_path):
                                model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, raises=(KeyError, ValueError, LookupError,
-                                        tf.errors.OpError, TypeError),
-                   reason="executor.py: the tf.custom_gradient gradient function captures "
-                          "tensors of the forward loops (a variant TensorList / TensorArray "
-                          "handle), so tf.saved_model.save with "
-                          "SaveOptions(experimental_custom_gradients=True) raises KeyError "
-                          "'... captures tensor .../while:N dtype=variant which is "
-                          "unsupported'; with experimental_custom_gradients=False a tape "
-                          "gradient through the reloaded function fails (unsaved custom "
-                          "gradient)")
 def test_tape_gradient_through_reloaded_training_function(tmp_path):
+    """With `experimental_custom_gradients=True` (TensorFlow's default) the layer's custom
+    gradient is saved with the model: a tape through a reloaded training endpoint gets the
+    planned gradient (the saved one recomputes the first sweep: it may not capture the
+    stored states), equal to the original model's."""
     model = _model()
     path = str(tmp_path / "sm")
     _export_with_training_endpoints(model, path, custom_gradients=True)

@@ -109,6 +109,23 @@ def test_keras_variable_raw_value_and_dtype():
         assert cell_step.raw_dtype(variable) == tf.float32
 
 
+def test_save_context_is_visible_while_saving(tmp_path):
+    """`run._in_save_context` (save_context.in_save_context): lets a SavedModel export trace
+    the layer's gradient without tripping the second-order refusal."""
+    seen = []
+
+    class Module(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([], tf.float32)])
+        def f(self, x):
+            seen.append(run._in_save_context())
+            return x + 1.0
+
+    module = Module()
+    module.f(tf.constant(1.0))
+    tf.saved_model.save(module, str(tmp_path / "m"))
+    assert seen[0] is False and True in seen[1:]
+
+
 def test_xla_dynamic_update_slice_import():
     """`store.StackStore` writes with tf2xla's dynamic_update_slice."""
     from tensorflow.compiler.tf2xla.python import xla

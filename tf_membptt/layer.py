@@ -223,9 +223,8 @@ class MemoryEfficientRNN(keras.layers.RNN):
         else:
             last_output, outputs, carry = executor.run_deferred(
                 step, prepare, inputs, carry0, signature_output_spec(signature, output_spec),
-                self.return_sequences,
-                [k for k, d in enumerate(signature.carry_differentiable) if d],
-                [k for k, d in enumerate(signature.param_differentiable) if d])
+                self.return_sequences, signature.carry_differentiable,
+                signature.param_differentiable)
         # The cell's variable updates, applied once, with the values keras.layers.RNN would
         # leave after its T steps.
         for variable, value in zip(step.assigned, carry[offset:]):

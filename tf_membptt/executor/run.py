@@ -105,11 +105,10 @@ def make_store(program: StepProgram, plan, xla: bool):
 class _Differentiable:
     """Which of the step's tensors go through the custom gradient (and get gradients)."""
 
-    def __init__(self, program: StepProgram, need_dx: bool):
-        sig = program.signature
+    def __init__(self, carry_flags, param_flags, need_dx: bool):
         self.need_dx = need_dx
-        self.carry = [k for k, d in enumerate(sig.carry_differentiable) if d]
-        self.params = [k for k, d in enumerate(sig.param_differentiable) if d]
+        self.carry = [k for k, d in enumerate(carry_flags) if d]
+        self.params = [k for k, d in enumerate(param_flags) if d]
 
     def pack(self, xs, carry, params) -> list:
         return (([xs] if self.need_dx else []) + [carry[k] for k in self.carry]
@@ -130,54 +129,34 @@ class _Differentiable:
         return xs, carry, params
 
 
-def run_planned(program: StepProgram, plan, inputs: sweeps.StepInputs, carry0,
-                return_sequences: bool, need_dx: bool):
-    """Training: ``(last_output, outputs, final_carry)`` as `run_plain`, with the plan's
-    memory-efficient gradient for the input (when `need_dx`), the differentiable carry
-    parts and the floating params."""
-    xla = in_xla_context()
-    store, segments_ = make_store(program, plan, xla)
-    locations = store.locations
-    num_steps = plan.num_steps
-    diff = _Differentiable(program, need_dx)
-    eager = tf.executing_eagerly()
-    if eager:
-        forward, backward = _eager_sweeps(program, plan, store, segments_, return_sequences,
-                                          need_dx, inputs)
+def _with_custom_gradient(diff: _Differentiable, inputs: sweeps.StepInputs, carry0,
+                          return_sequences: bool, forward: Callable, gradient: Callable):
+    """``(last_output, outputs, final_carry)`` of ``forward(step_inputs, carry)``, inside one
+    `tf.custom_gradient` whose gradient is ``gradient(saved, step_inputs, carry,
+    final_carry, d_result, d_final_carry) -> (dxs, d_carry0, d_params)``; `forward`
+    returns ``(last_output, outputs, final_carry, saved)``."""
     side = {}
 
     @tf.custom_gradient
-    def planned(*args):
-        xs, carry, params = diff.unpack(args, inputs.xs, carry0, inputs.params)
+    def call(*sources):
+        xs, carry, params = diff.unpack(sources, inputs.xs, carry0, inputs.params)
         step_inputs = sweeps.StepInputs(xs, inputs.masks, params, inputs.constants,
                                         inputs.go_backwards, inputs.batch)
-        if eager:
-            last_output, outputs, final_carry, flows = forward(
-                xs, _or_empty(inputs.masks), carry, params, inputs.constants)
-        else:
-            last_output, outputs, final_carry, state = sweeps.forward_sweep(
-                program, store, locations, step_inputs, carry, return_sequences, num_steps)
+        last_output, outputs, final_carry, saved = forward(step_inputs, carry)
         side["final_carry"] = final_carry
 
         def grad(d_result, *d_final_carry):
-            d_outputs = d_result if return_sequences else None
-            d_last = None if return_sequences else d_result
-            if eager:
-                dxs, d_carry0, d_params = backward(
-                    xs, _or_empty(inputs.masks), params, inputs.constants, flows,
-                    final_carry, list(d_final_carry), _or_empty(d_outputs),
-                    _or_empty(d_last))
-            else:
-                dxs, d_carry0, d_params = sweeps.backward_sweep(
-                    program, store, locations, segments_, step_inputs, state, final_carry,
-                    list(d_final_carry), d_outputs, d_last, need_dx)
-            return _first_order_only(([dxs] if need_dx else []) + list(d_carry0)
-                                     + list(d_params), args)
+            if d_result is None:
+                d_result = tf.zeros_like(outputs if return_sequences else last_output)
+            dxs, d_carry0, d_params = gradient(saved, step_inputs, carry, final_carry,
+                                               d_result, list(d_final_carry))
+            return _first_order_only(([dxs] if diff.need_dx else []) + list(d_carry0)
+                                     + list(d_params), sources)
 
         result = outputs if return_sequences else last_output
         return (result,) + tuple(final_carry[k] for k in diff.carry), grad
 
-    out = planned(*diff.pack(inputs.xs, carry0, inputs.params))
+    out = call(*diff.pack(inputs.xs, carry0, inputs.params))
     final_carry = list(side["final_carry"])
     for k, value in zip(diff.carry, out[1:]):
         final_carry[k] = value
@@ -186,68 +165,96 @@ def run_planned(program: StepProgram, plan, inputs: sweeps.StepInputs, carry0,
     return out[0], None, final_carry
 
 
+def _recomputed_gradients(program, plan, step_inputs, carry, d_result, d_final_carry,
+                          return_sequences, need_dx):
+    """The plan's gradient from the step's inputs alone: the first sweep again, with the
+    plan's stores, then the gradient (one forward sweep more than `run_planned`)."""
+    store, segments_ = make_store(program, plan, in_xla_context())
+    _, _, final_carry, state = sweeps.forward_sweep(
+        program, store, store.locations, step_inputs, carry, False, plan.num_steps)
+    return sweeps.backward_sweep(
+        program, store, store.locations, segments_, step_inputs, state, final_carry,
+        d_final_carry, d_result if return_sequences else None,
+        None if return_sequences else d_result, need_dx)
+
+
+def run_planned(program: StepProgram, plan, inputs: sweeps.StepInputs, carry0,
+                return_sequences: bool, need_dx: bool):
+    """Training: ``(last_output, outputs, final_carry)`` as `run_plain`, with the plan's
+    memory-efficient gradient for the input (when `need_dx`), the differentiable carry
+    parts and the floating params."""
+    sig = program.signature
+    diff = _Differentiable(sig.carry_differentiable, sig.param_differentiable, need_dx)
+    store, segments_ = make_store(program, plan, in_xla_context())
+    if tf.executing_eagerly():
+        forward_call, backward_call = _eager_sweeps(program, plan, store, segments_,
+                                                    return_sequences, need_dx, inputs)
+
+        def forward(step_inputs, carry):
+            return forward_call(step_inputs.xs, _or_empty(step_inputs.masks), carry,
+                                step_inputs.params, step_inputs.constants)
+
+        def backward(flows, step_inputs, final_carry, d_result, d_final_carry):
+            return backward_call(
+                step_inputs.xs, _or_empty(step_inputs.masks), step_inputs.params,
+                step_inputs.constants, flows, final_carry, d_final_carry,
+                d_result if return_sequences else tf.zeros([0]),
+                tf.zeros([0]) if return_sequences else d_result)
+    else:
+        def forward(step_inputs, carry):
+            return sweeps.forward_sweep(program, store, store.locations, step_inputs, carry,
+                                        return_sequences, plan.num_steps)
+
+        def backward(state, step_inputs, final_carry, d_result, d_final_carry):
+            return sweeps.backward_sweep(
+                program, store, store.locations, segments_, step_inputs, state, final_carry,
+                d_final_carry, d_result if return_sequences else None,
+                None if return_sequences else d_result, need_dx)
+
+    def gradient(saved, step_inputs, carry, final_carry, d_result, d_final_carry):
+        if _in_save_context():
+            # tf.saved_model.save traces this function to serialize it; it may not capture
+            # the stored states (TensorLists), so the saved gradient recomputes them.
+            return _recomputed_gradients(program, plan, step_inputs, carry, d_result,
+                                         d_final_carry, return_sequences, need_dx)
+        return backward(saved, step_inputs, final_carry, d_result, d_final_carry)
+
+    return _with_custom_gradient(diff, inputs, carry0, return_sequences, forward, gradient)
+
+
 def run_deferred(step_fn: Callable, prepare: Callable, inputs: sweeps.StepInputs, carry0,
-                 output_spec, return_sequences: bool, differentiable_carry: List[int],
-                 differentiable_params: List[int]):
+                 output_spec, return_sequences: bool, carry_differentiable,
+                 param_differentiable):
     """`run_plain` whose gradient, when asked for, runs the plan: ``prepare()`` returns
     ``(program, plan)`` then (it may raise; the error is then raised when the gradient
     runs)."""
     need_dx = inputs.xs.dtype.is_floating
+    diff = _Differentiable(carry_differentiable, param_differentiable, need_dx)
 
-    def pack(xs, carry, params):
-        return (([xs] if need_dx else []) + [carry[k] for k in differentiable_carry]
-                + [params[k] for k in differentiable_params])
-
-    side = {}
-
-    @tf.custom_gradient
-    def deferred(*sources):
-        args = list(sources)
-        xs = args.pop(0) if need_dx else inputs.xs
-        carry, params = list(carry0), list(inputs.params)
-        for k in differentiable_carry:
-            carry[k] = args.pop(0)
-        for k in differentiable_params:
-            params[k] = args.pop(0)
-        step_inputs = sweeps.StepInputs(xs, inputs.masks, params, inputs.constants,
-                                        inputs.go_backwards, inputs.batch)
+    def forward(step_inputs, carry):
         last_output, outputs, final_carry = run_plain(step_fn, step_inputs, carry,
                                                        output_spec, return_sequences)
-        side["final_carry"] = final_carry
+        return last_output, outputs, final_carry, None
 
-        def grad(d_result, *d_final_carry):
-            like = pack(xs, carry, params)
-            try:
-                program, plan = prepare()
-            except (NotImplementedError, ValueError) as error:
-                return _failing_gradients(str(error), like)
-            if [k for k, d in enumerate(program.signature.carry_differentiable) if d] != \
-                    list(differentiable_carry):
-                raise AssertionError("the layer and the step program disagree on the carry")
-            store, segments_ = make_store(program, plan, in_xla_context())
-            planned_inputs = sweeps.StepInputs(xs, inputs.masks, params, inputs.constants,
-                                               inputs.go_backwards, inputs.batch)
-            _, _, planned_final, state = sweeps.forward_sweep(
-                program, store, store.locations, planned_inputs, carry, False,
-                plan.num_steps)
-            dxs, d_carry0, d_params = sweeps.backward_sweep(
-                program, store, store.locations, segments_, planned_inputs, state,
-                planned_final, list(d_final_carry),
-                d_result if return_sequences else None,
-                None if return_sequences else d_result, need_dx)
-            return _first_order_only(([dxs] if need_dx else []) + list(d_carry0)
-                                     + list(d_params), sources)
+    def gradient(unused_saved, step_inputs, carry, final_carry, d_result, d_final_carry):
+        try:
+            program, plan = prepare()
+        except (NotImplementedError, ValueError) as error:
+            return _failing_split(str(error), diff, step_inputs, carry)
+        if list(program.signature.carry_differentiable) != list(carry_differentiable):
+            raise AssertionError("the layer and the step program disagree on the carry")
+        return _recomputed_gradients(program, plan, step_inputs, carry, d_result,
+                                     d_final_carry, return_sequences, need_dx)
 
-        result = outputs if return_sequences else last_output
-        return (result,) + tuple(final_carry[k] for k in differentiable_carry), grad
+    return _with_custom_gradient(diff, inputs, carry0, return_sequences, forward, gradient)
 
-    out = deferred(*pack(inputs.xs, carry0, inputs.params))
-    final_carry = list(side["final_carry"])
-    for k, value in zip(differentiable_carry, out[1:]):
-        final_carry[k] = value
-    if return_sequences:
-        return out[0][-1], out[0], final_carry
-    return out[0], None, final_carry
+
+def _failing_split(message, diff, step_inputs, carry):
+    """`_failing_gradients` in the shape `gradient` returns: (dxs, d_carry0, d_params)."""
+    failing = _failing_gradients(message, diff.pack(step_inputs.xs, carry,
+                                                    step_inputs.params))
+    dxs = failing.pop(0) if diff.need_dx else None
+    return dxs, failing[:len(diff.carry)], failing[len(diff.carry):]
 
 
 def _failing_gradients(message, like):
@@ -272,11 +279,27 @@ def _first_order_only(grads, sources):
     @tf.custom_gradient
     def identity(*values):
         def second_order(*unused):
+            if _in_save_context():
+                # tf.saved_model.save traces every custom gradient it finds; the export must
+                # not fail, so the saved second-order gradient fails when it runs instead.
+                return _failing_gradients(SECOND_ORDER_MESSAGE, values)
             raise NotImplementedError(SECOND_ORDER_MESSAGE)
 
         return tuple(tf.identity(v) for v in values[:len(grads)]), second_order
 
     return list(identity(*grads, *sources))
+
+
+def _in_save_context() -> bool:
+    """Whether `tf.saved_model.save` is tracing (save_context.in_save_context, a TensorFlow
+    internal; `tests/test_internals.py` checks it; without it an export that contains a
+    gradient through the layer fails, naming the second-order limitation)."""
+    try:
+        from tensorflow.python.saved_model import save_context
+
+        return save_context.in_save_context()
+    except (ImportError, AttributeError):  # pragma: no cover - internal API moved
+        return False
 
 
 def _or_empty(tensor):
