@@ -8,7 +8,7 @@ below are copied from it as literals (CI has no shared/ folder beside the reposi
 
 import collections
 import dataclasses
-import hashlib
+import importlib.util
 import math
 import pathlib
 import random
@@ -575,10 +575,13 @@ def test_direct_lower_bound_schedules_equal_the_dp_optimum():
 # --------------------------------------------------------------------------------------
 # Frozen plans: faster emission must not change a single op or cost
 # --------------------------------------------------------------------------------------
-# Written by tests/data/make_frozen_plans.py (see its docstring for the grid).
+# Written by tests/data/make_frozen_plans.py (see its docstring for the grid), which also
+# plans each case here as it did there (`plan_case`).
 FROZEN_PLANS = pathlib.Path(__file__).parent / "data" / "frozen_plans.npz"
-FROZEN_STRATEGIES = ("msm", "hsm", "ism", "full", "chen")
-FROZEN_METHODS = ("exact", "approximate", "fixed")
+_spec = importlib.util.spec_from_file_location("make_frozen_plans",
+                                               FROZEN_PLANS.with_name("make_frozen_plans.py"))
+frozen_plans = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(frozen_plans)
 
 
 @pytest.fixture(scope="module")
@@ -589,33 +592,23 @@ def frozen():
 
 def _frozen_case(row):
     T, memory_slots, strategy, alpha = row[:4]
-    return int(T), float(memory_slots), FROZEN_STRATEGIES[int(strategy)], float(alpha)
+    return int(T), float(memory_slots), frozen_plans.STRATEGIES[int(strategy)], float(alpha)
 
 
-def _plan_fresh(monkeypatch, T, memory_slots, strategy, alpha, chained=False):
-    """`plan` with an empty cache; with `chained`, the chained method forced as the
-    fixture forced it (no exact DP, chunk tables of a tenth of the exact DP's work)."""
-    planner_module._cached_plan.cache_clear()
-    with monkeypatch.context() as patch:
-        if chained:
-            a, q = planner_module.alpha_units(alpha)
-            budget = int(math.floor(memory_slots * q + 1e-9))
-            work = planner_module._dp_work(T, budget, a, q, strategy)[0]
-            patch.setattr(planner_module, "_EXACT_WORK_LIMIT", 0)
-            patch.setattr(planner_module, "_CHUNK_WORK_LIMIT", work * 0.1)
-        result = plan(T, memory_slots, strategy=strategy, alpha=alpha)
-    planner_module._cached_plan.cache_clear()
-    return result
+def _same_costs(result, forward_evals, peak_memory, method):
+    return (result.forward_evals, result.peak_memory, result.method) == (
+        int(forward_evals), peak_memory, frozen_plans.METHODS[int(method)])
 
 
-@pytest.mark.parametrize("chained", [0, 1], ids=["default_routes", "chained"])
-def test_op_tables_equal_the_frozen_ones(frozen, chained, monkeypatch):
+@pytest.mark.parametrize("mode", [0, 1, 2],
+                         ids=["default_routes", "chained", "chained_saturated"])
+def test_op_tables_equal_the_frozen_ones(frozen, mode):
     cases, costs, offsets = frozen["cases"], frozen["costs"], frozen["offsets"]
     rows = frozen["columns"].T
     checked = 0
-    for index in np.flatnonzero(cases[:, 4] == chained):
+    for index in np.flatnonzero(cases[:, 4] == mode):
         case = _frozen_case(cases[index])
-        result = _plan_fresh(monkeypatch, *case, chained=bool(chained))
+        result = frozen_plans.plan_case(*case, mode)
         expected = rows[offsets[index]:offsets[index + 1]]
         table = result.op_table()
         if not (table.shape == expected.shape and np.array_equal(table, expected)):
@@ -623,28 +616,23 @@ def test_op_tables_equal_the_frozen_ones(frozen, chained, monkeypatch):
             first = int(differ[0]) if differ.size else min(len(table), len(expected))
             pytest.fail(f"{case}: {len(table)} ops vs {len(expected)} frozen; first "
                         f"difference at op #{first}")
-        forward_evals, peak_memory, method = costs[index]
-        assert (result.forward_evals, result.peak_memory, result.method) == (
-            int(forward_evals), peak_memory, FROZEN_METHODS[int(method)]), case
+        assert _same_costs(result, *costs[index]), case
         checked += 1
-    assert checked > (4000 if chained == 0 else 100)
+    assert checked > {0: 4000, 1: 100, 2: 40}[mode]
 
 
 def _digest_params():
     with np.load(FROZEN_PLANS) as data:
         cases = data["digest_cases"]
-    return [pytest.param(index, id=f"T={int(row[0])}-{FROZEN_STRATEGIES[int(row[2])]}-"
-                                   f"m={int(row[1])}-alpha={row[3]:g}",
-                         marks=[pytest.mark.slow] if bool(row[4]) else [])
+    return [pytest.param(index, id="T={}-{}-m={}-alpha={:g}".format(*_frozen_case(row)),
+                         marks=[pytest.mark.slow] if row[4] else [])
             for index, row in enumerate(cases)]
 
 
 @pytest.mark.parametrize("index", _digest_params())
-def test_long_op_tables_equal_the_frozen_digests(frozen, index, monkeypatch):
+def test_long_op_tables_equal_the_frozen_digests(frozen, index):
     row = frozen["digest_cases"][index]
     case = _frozen_case(row)
-    result = _plan_fresh(monkeypatch, *case)
-    digest = hashlib.sha256(np.ascontiguousarray(result.op_table(), "<i4").tobytes())
-    assert digest.hexdigest() == frozen["digests"][index], case
-    assert (result.forward_evals, result.peak_memory, result.method) == (
-        int(row[5]), row[6], FROZEN_METHODS[int(row[7])]), case
+    result = frozen_plans.plan_case(*case)
+    assert frozen_plans.table_digest(result.op_table()) == frozen["digests"][index], case
+    assert _same_costs(result, *row[5:8]), case

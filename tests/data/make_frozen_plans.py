@@ -13,7 +13,8 @@ commit). The fixture holds:
   saturation, alpha 1, 1.5, 2, 3 and 4;
 * every op of the chained method (`_chain_ops`) forced on T = 60..300 (``_EXACT_WORK_LIMIT
   = 0``, chunk tables cut to a tenth of the exact DP's work, as in test_planner_large.py),
-  at budgets where `plan` really takes that route;
+  at budgets where `plan` really takes that route; and with chunk tables so short
+  (``_CHUNK_SLACK = 1``, a hundredth of the work) that chunks run saturated beyond them;
 * SHA-256 digests of the op tables of long default-route plans (T = 10,000 to 1,000,000),
   whose full tables would not fit a small fixture.
 """
@@ -38,9 +39,16 @@ FRACTIONS = (0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0)
 CHAIN_LENGTHS = (60, 100, 173, 300)
 CHAIN_ALPHAS = (1.5, 2.0, 3.0)
 CHAIN_BUDGETS = (2, 3, 5, 8, 13)
-CHAIN_WORK_FRACTION = 0.1
+# Chained modes: 1 as test_planner_large.py forces it; 2 with chunk tables so short that
+# chunks run saturated beyond them (`planner._saturated_run`).
+CHAIN_MODES = {1: dict(work_fraction=0.1, slack=None, lengths=(60, 100, 173, 300),
+                       budgets=(2, 3, 5, 8, 13)),
+               2: dict(work_fraction=0.01, slack=1, lengths=(300, 700),
+                       budgets=(24, 40, 60))}
 # (T, memory_slots, strategy, alpha, slow): `slow` digests are checked only with -m slow.
 DIGEST_CASES = (
+    (4000, 190, "chen", 2.0, False),  # the least budget; segments of 64 steps
+    (4000, 8001, "full", 2.0, False),
     (10_000, 1000, "hsm", 2.0, False),  # chained
     (20_000, 200, "ism", 2.0, False),  # chained
     (100_000, 10_000, "msm", 2.0, False),  # lower bound
@@ -80,48 +88,53 @@ def chain_route(T, memory_slots, strategy, alpha) -> bool:
             and planner._boundary_chunks(T, budget, a, q, strategy) is None)
 
 
-def chain_work_limit(T, memory_slots, strategy, alpha) -> float:
-    a, q = planner.alpha_units(alpha)
-    budget = int(math.floor(memory_slots * q + 1e-9))
-    return planner._dp_work(T, budget, a, q, strategy)[0] * CHAIN_WORK_FRACTION
+def chain_cases(mode):
+    settings = CHAIN_MODES[mode]
+    cases = [(T, float(m), strategy, alpha)
+             for T in settings["lengths"] for alpha in CHAIN_ALPHAS
+             for strategy in ("msm", "hsm", "ism") for m in settings["budgets"]
+             if chain_route(T, m, strategy, alpha)]
+    if mode == 1:  # budgets of 2 slots recompute triangles (quadratic op lists): short T
+        cases = [case for case in cases if case[1] > 2 or case[0] <= 60]
+    return cases
 
 
-def chain_cases():
-    return [(T, float(m), strategy, alpha)
-            for T in CHAIN_LENGTHS for alpha in CHAIN_ALPHAS
-            for strategy in ("msm", "hsm", "ism") for m in CHAIN_BUDGETS
-            if chain_route(T, m, strategy, alpha) and (m > 2 or T <= 60)]
-
-
-def plan_case(T, memory_slots, strategy, alpha, chained):
-    """The plan, with the chained method forced when `chained` (fresh cache either way)."""
-    saved = planner._EXACT_WORK_LIMIT, planner._CHUNK_WORK_LIMIT
+def plan_case(T, memory_slots, strategy, alpha, mode=0):
+    """The plan, with the chained method forced as in `CHAIN_MODES[mode]` (mode 0: as
+    `plan` chooses), from a fresh cache."""
+    saved = planner._EXACT_WORK_LIMIT, planner._CHUNK_WORK_LIMIT, planner._CHUNK_SLACK
     planner._cached_plan.cache_clear()
     try:
-        if chained:
+        if mode:
+            settings = CHAIN_MODES[mode]
+            a, q = planner.alpha_units(alpha)
+            budget = int(math.floor(memory_slots * q + 1e-9))
+            work = planner._dp_work(T, budget, a, q, strategy)[0]
             planner._EXACT_WORK_LIMIT = 0
-            planner._CHUNK_WORK_LIMIT = chain_work_limit(T, memory_slots, strategy, alpha)
+            planner._CHUNK_WORK_LIMIT = work * settings["work_fraction"]
+            if settings["slack"] is not None:
+                planner._CHUNK_SLACK = settings["slack"]
         return planner.plan(T, memory_slots, strategy=strategy, alpha=alpha)
     finally:
-        planner._EXACT_WORK_LIMIT, planner._CHUNK_WORK_LIMIT = saved
+        planner._EXACT_WORK_LIMIT, planner._CHUNK_WORK_LIMIT, planner._CHUNK_SLACK = saved
         planner._cached_plan.cache_clear()
 
 
 def main():
     rows, offsets, cases, costs = [], [0], [], []
-    for chained, group in ((0, default_cases()), (1, chain_cases())):
+    for mode, group in ((0, default_cases()), (1, chain_cases(1)), (2, chain_cases(2))):
         for T, memory_slots, strategy, alpha in group:
-            result = plan_case(T, memory_slots, strategy, alpha, chained)
+            result = plan_case(T, memory_slots, strategy, alpha, mode)
             table = result.op_table()
             assert table.min() >= -1 and table.max() < 2 ** 15
             rows.append(table.astype(np.int16))
             offsets.append(offsets[-1] + len(table))
-            cases.append((T, memory_slots, STRATEGIES.index(strategy), alpha, chained))
+            cases.append((T, memory_slots, STRATEGIES.index(strategy), alpha, mode))
             costs.append((result.forward_evals, result.peak_memory,
                           METHODS.index(result.method)))
     digest_cases, digests = [], []
     for T, memory_slots, strategy, alpha, slow in DIGEST_CASES:
-        result = plan_case(T, memory_slots, strategy, alpha, chained=False)
+        result = plan_case(T, memory_slots, strategy, alpha)
         digest_cases.append((T, memory_slots, STRATEGIES.index(strategy), alpha, slow,
                              result.forward_evals, result.peak_memory,
                              METHODS.index(result.method)))
