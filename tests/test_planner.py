@@ -11,6 +11,7 @@ import dataclasses
 import importlib.util
 import math
 import pathlib
+import pickle
 import random
 import subprocess
 import sys
@@ -322,6 +323,9 @@ def test_every_plan_simulates_and_gives_bptt_gradients(problem):
     simulation = simulate(result)
     assert simulation.forward_evals == result.forward_evals
     assert simulation.backward_order == tuple(range(num_steps, 0, -1))
+    # The plan's own counts (from its table's stores) agree with the replay.
+    assert (result.max_hidden_stored, result.max_internal_stored) == (
+        simulation.max_hidden_stored, simulation.max_internal_stored)
     assert result.peak_memory <= memory_slots + 1e-9
     toy = toy_problem(num_steps, seed=num_steps)
     assert_same_gradients(numpy_toy_rnn_gradients(result, **toy),
@@ -393,7 +397,7 @@ def valid_plan():
 
 
 def with_ops(result, ops, **changes):
-    return dataclasses.replace(result, ops=tuple(ops), **changes)
+    return dataclasses.replace(result, table=ops, **changes)
 
 
 def first_index(ops, kind):
@@ -527,6 +531,37 @@ def test_plan_is_hashable_immutable_and_cached():
         first.forward_evals = 0
 
 
+def test_plan_holds_a_read_only_op_table():
+    first = plan(50, 12, strategy="msm", alpha=2)
+    table = first.op_table()
+    assert table is first.table and table is first.op_table()  # no copy
+    assert table.dtype == np.int32 and table.shape == (len(first.ops), 5)
+    assert not table.flags.writeable
+    with pytest.raises(ValueError):
+        table[0, 1] = 7
+    # `ops` is made from the table once, and says the same.
+    assert first.ops is first.ops
+    assert all(isinstance(op.kind, OpKind) for op in first.ops)
+    assert np.array_equal(np.asarray(first.ops, np.int32), table)
+    assert "table" not in repr(first) and "[[" not in repr(first)
+
+
+def test_plans_compare_by_value_including_the_table():
+    first = plan(50, 12, strategy="msm", alpha=2)
+    rebuilt = dataclasses.replace(first, table=list(first.ops))  # from Op records
+    assert rebuilt is not first and rebuilt == first and hash(rebuilt) == hash(first)
+    assert rebuilt.table.flags.writeable is False
+    changed = first.op_table().copy()
+    changed[-1, 1] += 1
+    assert dataclasses.replace(first, table=changed) != first
+    assert dataclasses.replace(first, method="approximate") != first
+    assert first != "a plan"
+    copied = pickle.loads(pickle.dumps(first))
+    assert copied == first and not copied.table.flags.writeable
+    with pytest.raises(ValueError, match=r"shape \(num_ops, 5\)"):
+        dataclasses.replace(first, table=np.zeros((3, 4), np.int32))
+
+
 def test_describe_contains_key_numbers():
     result = plan(1000, 100, strategy="msm", alpha=2)
     text = result.describe()
@@ -624,7 +659,7 @@ def test_op_tables_equal_the_frozen_ones(frozen, mode):
 def _digest_params():
     with np.load(FROZEN_PLANS) as data:
         cases = data["digest_cases"]
-    return [pytest.param(index, id="T={}-{}-m={}-alpha={:g}".format(*_frozen_case(row)),
+    return [pytest.param(index, id="T={}-m={:g}-{}-alpha={:g}".format(*_frozen_case(row)),
                          marks=[pytest.mark.slow] if row[4] else [])
             for index, row in enumerate(cases)]
 

@@ -265,7 +265,7 @@ def _cached_plan(num_steps: int, memory_slots: float, strategy: str, alpha: floa
         method = "exact"  # it meets a lower bound on every schedule: proven optimal
     return Plan(num_steps=num_steps, memory_slots=memory_slots, strategy=strategy,
                 alpha=alpha, forward_evals=forward_evals, peak_memory=peak_units / units[1],
-                ops=tuple(ops), method=method, alpha_units=units)
+                table=ops, method=method, alpha_units=units)
 
 
 def _lower_bound(T: int, budget: int, a: int, q: int, strategy: str) -> int:
