@@ -1070,20 +1070,26 @@ class _ChainSearch:
             if inc.size and self.width > q:  # columns below q (no start) are never used
                 self.vmax = max(self.vmax, int(inc[:, q:].max()))
         self.V = max(self.vmax, 2) + 2
+        self.counted = {}  # (kind, column, shift) -> (increments, their histogram)
 
     def _column(self, kind: str, b: int, shift: int):
-        """Sorted increments (as a histogram over 0..V-1 and as the sorted table part) of
-        the column ``(kind, b)``, lowered by ``shift``, with the saturated run beyond
-        the table: ``(histogram, table_part, run_value, run_count)``."""
+        """Sorted increments of the column ``(kind, b)``, lowered by ``shift``: the table
+        part as a histogram over 0..V-1 and as sorted values, and the saturated run beyond
+        the table: ``(histogram, table_part, run_value, run_count)``. The histogram leaves
+        the run out (add ``run_count`` at ``run_value``) and is shared: do not modify it."""
         chunks = self.chunks
         col = min(b, self.width - 1)
-        part = self.hist[kind][:, col] - shift
+        key = (kind, col, shift)
+        if key not in self.counted:
+            # Budgets past the table's width share its last column: at long sequences
+            # nearly every chunk does, so each column is counted once.
+            part = self.hist[kind][:, col] - shift
+            self.counted[key] = (np.bincount(part, minlength=self.V)[:self.V]
+                                 .astype(np.int64), part)
+        counts, part = self.counted[key]
         run = max(0, _saturated_length(kind, b, self.a, self.q, self.strategy)
                   - chunks.nmax)
-        value = chunks.low - shift
-        hist = np.bincount(part, minlength=self.V)[:self.V].astype(np.int64)
-        hist[value] += run
-        return hist, part, value, run
+        return counts, part, chunks.low - shift, run
 
     def _chunk_spec(self, j: int):
         b = self.B - (j - 1) * self.size
@@ -1112,11 +1118,15 @@ class _ChainSearch:
         best = None
         for k in range(0, k_max + 1):
             if k:
-                chunk_hist += self._column(*self._chunk_spec(k), 0)[0]
+                counts, _, value, run = self._column(*self._chunk_spec(k), 0)
+                chunk_hist += counts
+                chunk_hist[value] += run
             N = self._free(k)
             if N < 0:
                 break
-            hist = chunk_hist + self._column(*self._tail_spec(k), 1)[0]
+            counts, _, value, run = self._column(*self._tail_spec(k), 1)
+            hist = chunk_hist + counts
+            hist[value] += run
             cum = np.cumsum(hist)
             if cum[-1] < N:
                 continue
