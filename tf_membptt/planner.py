@@ -60,6 +60,9 @@ takes about a second or less at any budget.
 
 Which method `plan` uses
 ------------------------
+In this order: a budget that can store every state the strategy stores gets the closed-form
+optimum (`_store_everything_ops`); a budget where a schedule meeting the lower bound exists
+gets it, built in O(T) ("Budgets where the bound is reachable directly" below); otherwise
 ``plan`` runs the exact DP when its work (the ``(n, b)`` cells searched, `_dp_work`) is at
 most `_EXACT_WORK_LIMIT` = 4e6 cells: a few seconds and at most ~300 MB of tables (T=1000
 at any budget, T=10,000 at budgets up to ~2%). Above it, the tables would grow as
@@ -90,20 +93,34 @@ the better chain after costing both exactly (`_ChainSearch`; histograms of incre
 every ``k`` cost ``O(V)``). The chain is emitted through the same `_Emitter` and work
 loop as the exact plan, so it is a valid LIFO schedule within the budget.
 
-Quality: at a budget of ``f`` of standard BPTT with ``T`` up to ``(B/a)^2 / 2`` the
-optimum is the lower bound ``2T - (B - q) // a - 1`` (every step whose internal state is
-not stored at its first evaluation is evaluated twice; at most ``(B - q) // a`` internal
-states, plus step T's, can be held when step T runs backward): ~(2 - f) T. The chain of
-saturated internal-state chunks meets it exactly, e.g. T=100,000 at 5% (195,000
-evaluations, ~7 s, ~250 MB peak RSS), and HSM's chain meets Revolve's closed form. Where
-the exact DP is computable (T in 1000..5000, budgets 1-20%, alpha 2 and 4, msm/hsm/ism,
-with the chunk tables forced to a tenth of the exact work) the approximate cost equals the
-exact one in every case tested (tests/test_planner_large.py, benchmarks/bench_planner.py).
-It is not proven optimal in general: for budgets so small relative to T that chunks
-themselves need deep recursion beyond ``nmax`` rows, only the chain's top level is
-restricted; such budgets give narrow tables, so ``nmax`` is raised to cover them.
-A chained plan that meets the lower bound (`_lower_bound`) is proven optimal and labelled
-``method="exact"``; otherwise it is ``"approximate"``.
+Where it is used: only where no lower-bound schedule exists (msm/ism budgets below about
+``sqrt(2T)`` internal states; any hsm budget) and the exact DP is above its limit. For msm
+and ism with alpha 2 that is T = 20,000 at 0.5-1% of standard BPTT's memory, T = 100,000 at
+0.02-0.45% and T = 1,000,000 below 0.14% (alpha 3 alike; T = 10,000 only at 1.34-1.39%);
+for hsm most budgets from T = 10,000 on.
+
+Quality: it is not always optimal. Chunks longer than ``nmax`` rows can only run
+saturated, so where the optimum makes a chunk longer than the tables, the chain costs more.
+Measured against the exact DP (tests/test_planner_large.py, "(d)"): with the limits scaled
+down so that T = 1000..2000 are routed and chunked as longer sequences are, msm costs 0 to
+1.19% more (alpha 4, T = 1000, 33 slots: 2881 vs 2847), ism 0 to 1.00% (T = 2000, 25
+slots, alpha 2: 7397 vs 7324; with tables of 1231 rows instead of 308 it is 7324), hsm
+nothing (Revolve); at the default limits T = 10,000 hsm at 5% and T = 20,000 msm/ism at
+0.7% cost 0 to 4 evaluations (0.01%) more. A chained plan that meets the lower bound
+(`_lower_bound`) is proven optimal and labelled ``method="exact"``; otherwise it is
+``"approximate"``.
+
+Op tables
+---------
+Plans are emitted as op tables (``int32`` rows: kind, step, slot, hidden_below,
+internal_below; see `schedule.py`), never as per-op records: the O(T) schedules (lower
+bound, store everything, ``full``) in closed form with numpy, and the DP's and the chain's
+schedules by `_Emitter`, which appends five integers per op and builds long regular runs
+(advances, triangles, saturated chunk runs) as numpy blocks. With `_count` and the plan's
+counts vectorized, msm at 5% plans T = 100,000 in about 0.1 s and T = 1,000,000 in about
+1 s, and `op_table()` and `describe()` add under 0.1 s (benchmarks/results/planner.md;
+with a list of `Op` records they took 1.3 s and 14 s to plan, and about as long again each
+for `op_table()` and `describe()`).
 
 Budgets where the bound is reachable directly
 ---------------------------------------------
@@ -113,8 +130,8 @@ chunk boundaries ending at step T - 1, and each chunk between two boundaries is 
 once, storing its own internal states, after the boundary above it is freed. That fits when
 the T - 1 - k other steps number at most (k + 1)(k + 2) / 2 - 1 (roughly k >= sqrt(2T):
 from about 1.5% of standard BPTT's memory at T = 1000, alpha 2). Such plans cost exactly the
-bound, so they are optimal, and take O(T) to build. Tests check them against the DP on
-thousands of small cases.
+bound, so they are optimal, and take O(T) to build (one numpy construction, no loop over
+ops). Tests check them against the DP on thousands of small cases.
 """
 
 from __future__ import annotations
