@@ -333,10 +333,11 @@ def _lower_bound_ops(T: int, budget: int, a: int, q: int, strategy: str) -> np.n
     Built in closed form with numpy (it is the schedule of most budgets of a few percent and
     up, where plans of long sequences have millions of ops).
     """
-    lengths = np.asarray(_boundary_chunks(T, budget, a, q, strategy), np.int64)
+    # int32 throughout, as in the table: the per-row temporaries below are millions long.
+    lengths = np.asarray(_boundary_chunks(T, budget, a, q, strategy), np.int32)
     k = lengths.size
-    chunk = np.arange(1, k + 1)  # chunk j lies between boundaries p_{j-1} and p_j
-    ends = np.cumsum(lengths + 1)  # p_j; p_0 = 0 is h_0
+    chunk = np.arange(1, k + 1, dtype=np.int32)  # chunk j: between p_{j-1} and p_j
+    ends = np.cumsum(lengths + 1, dtype=np.int32)  # p_j; p_0 = 0 is h_0
     starts = ends - lengths - 1
     assert ends[-1] == T - 1
     # Backward, chunks j = k..1, each as one block of rows at offsets r = 0, 1, ...:
@@ -356,8 +357,8 @@ def _lower_bound_ops(T: int, budget: int, a: int, q: int, strategy: str) -> np.n
     sweep[~is_store] = _rows(OpKind.ADVANCE, np.arange(1, T))
     sweep[is_store] = _rows(OpKind.STORE_INTERNAL, ends, chunk, 1, chunk - 1)
     table[sweep_rows:sweep_rows + 2] = _rows([OpKind.ADVANCE, OpKind.BACKWARD_CURSOR], T)
-    owner = np.repeat(np.arange(k)[::-1], sizes)  # chunk index j - 1 of each row
-    r = np.arange(len(owner)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    owner = np.repeat(np.arange(k, dtype=np.int32)[::-1], sizes)  # j - 1 of each row
+    r = np.arange(len(owner), dtype=np.int32) - np.repeat(np.cumsum(sizes) - sizes, sizes)
     j, length = chunk[owner], lengths[owner]
     start, end = starts[owner], ends[owner]
     odd = r % 2 == 1  # an advance (or a backward) in the two runs; even: its store (free)
