@@ -8,7 +8,10 @@ below are copied from it as literals (CI has no shared/ folder beside the reposi
 
 import collections
 import dataclasses
+import importlib.util
 import math
+import pathlib
+import pickle
 import random
 import subprocess
 import sys
@@ -320,6 +323,9 @@ def test_every_plan_simulates_and_gives_bptt_gradients(problem):
     simulation = simulate(result)
     assert simulation.forward_evals == result.forward_evals
     assert simulation.backward_order == tuple(range(num_steps, 0, -1))
+    # The plan's own counts (from its table's stores) agree with the replay.
+    assert (result.max_hidden_stored, result.max_internal_stored) == (
+        simulation.max_hidden_stored, simulation.max_internal_stored)
     assert result.peak_memory <= memory_slots + 1e-9
     toy = toy_problem(num_steps, seed=num_steps)
     assert_same_gradients(numpy_toy_rnn_gradients(result, **toy),
@@ -391,7 +397,7 @@ def valid_plan():
 
 
 def with_ops(result, ops, **changes):
-    return dataclasses.replace(result, ops=tuple(ops), **changes)
+    return dataclasses.replace(result, table=ops, **changes)
 
 
 def first_index(ops, kind):
@@ -525,6 +531,37 @@ def test_plan_is_hashable_immutable_and_cached():
         first.forward_evals = 0
 
 
+def test_plan_holds_a_read_only_op_table():
+    first = plan(50, 12, strategy="msm", alpha=2)
+    table = first.op_table()
+    assert table is first.table and table is first.op_table()  # no copy
+    assert table.dtype == np.int32 and table.shape == (len(first.ops), 5)
+    assert not table.flags.writeable
+    with pytest.raises(ValueError):
+        table[0, 1] = 7
+    # `ops` is made from the table once, and says the same.
+    assert first.ops is first.ops
+    assert all(isinstance(op.kind, OpKind) for op in first.ops)
+    assert np.array_equal(np.asarray(first.ops, np.int32), table)
+    assert "table" not in repr(first) and "[[" not in repr(first)
+
+
+def test_plans_compare_by_value_including_the_table():
+    first = plan(50, 12, strategy="msm", alpha=2)
+    rebuilt = dataclasses.replace(first, table=list(first.ops))  # from Op records
+    assert rebuilt is not first and rebuilt == first and hash(rebuilt) == hash(first)
+    assert rebuilt.table.flags.writeable is False
+    changed = first.op_table().copy()
+    changed[-1, 1] += 1
+    assert dataclasses.replace(first, table=changed) != first
+    assert dataclasses.replace(first, method="approximate") != first
+    assert first != "a plan"
+    copied = pickle.loads(pickle.dumps(first))
+    assert copied == first and not copied.table.flags.writeable
+    with pytest.raises(ValueError, match=r"shape \(num_ops, 5\)"):
+        dataclasses.replace(first, table=np.zeros((3, 4), np.int32))
+
+
 def test_describe_contains_key_numbers():
     result = plan(1000, 100, strategy="msm", alpha=2)
     text = result.describe()
@@ -568,3 +605,77 @@ def test_direct_lower_bound_schedules_equal_the_dp_optimum():
                     simulate(result)
                     checked += 1
     assert checked > 500
+
+
+# --------------------------------------------------------------------------------------
+# Frozen plans: faster emission must not change a single op or cost
+# --------------------------------------------------------------------------------------
+# Written by tests/data/make_frozen_plans.py (see its docstring for the grid), which also
+# plans each case here as it did there (`plan_case`).
+FROZEN_PLANS = pathlib.Path(__file__).parent / "data" / "frozen_plans.npz"
+_spec = importlib.util.spec_from_file_location("make_frozen_plans",
+                                               FROZEN_PLANS.with_name("make_frozen_plans.py"))
+frozen_plans = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(frozen_plans)
+
+
+@pytest.fixture(scope="module")
+def frozen():
+    with np.load(FROZEN_PLANS) as data:
+        return {name: data[name] for name in data.files}
+
+
+def _frozen_case(row):
+    T, memory_slots, strategy, alpha = row[:4]
+    return int(T), float(memory_slots), frozen_plans.STRATEGIES[int(strategy)], float(alpha)
+
+
+def _same_costs(result, forward_evals, peak_memory, method):
+    return (result.forward_evals, result.peak_memory, result.method) == (
+        int(forward_evals), peak_memory, frozen_plans.METHODS[int(method)])
+
+
+@pytest.mark.parametrize("runs", ["runs_from_32_steps", "every_run"])
+@pytest.mark.parametrize("mode", [0, 1, 2],
+                         ids=["default_routes", "chained", "chained_saturated"])
+def test_op_tables_equal_the_frozen_ones(frozen, mode, runs, monkeypatch):
+    if runs == "every_run":
+        # The emitter builds runs as numpy blocks from `_RUN_ROWS` steps on, and op by op
+        # below: both must give the frozen ops (every third default case, for time).
+        monkeypatch.setattr(planner_module, "_RUN_ROWS", 1)
+    cases, costs, offsets = frozen["cases"], frozen["costs"], frozen["offsets"]
+    rows = frozen["columns"].T
+    checked = 0
+    indices = np.flatnonzero(cases[:, 4] == mode)
+    if runs == "every_run" and mode == 0:
+        indices = indices[::3]
+    for index in indices:
+        case = _frozen_case(cases[index])
+        result = frozen_plans.plan_case(*case, mode)
+        expected = rows[offsets[index]:offsets[index + 1]]
+        table = result.op_table()
+        if not (table.shape == expected.shape and np.array_equal(table, expected)):
+            differ = np.flatnonzero((table[:len(expected)] != expected[:len(table)]).any(1))
+            first = int(differ[0]) if differ.size else min(len(table), len(expected))
+            pytest.fail(f"{case}: {len(table)} ops vs {len(expected)} frozen; first "
+                        f"difference at op #{first}")
+        assert _same_costs(result, *costs[index]), case
+        checked += 1
+    assert checked > {0: 4000 if runs == "runs_from_32_steps" else 1300, 1: 100, 2: 40}[mode]
+
+
+def _digest_params():
+    with np.load(FROZEN_PLANS) as data:
+        cases = data["digest_cases"]
+    return [pytest.param(index, id="T={}-m={:g}-{}-alpha={:g}".format(*_frozen_case(row)),
+                         marks=[pytest.mark.slow] if row[4] else [])
+            for index, row in enumerate(cases)]
+
+
+@pytest.mark.parametrize("index", _digest_params())
+def test_long_op_tables_equal_the_frozen_digests(frozen, index):
+    row = frozen["digest_cases"][index]
+    case = _frozen_case(row)
+    result = frozen_plans.plan_case(*case)
+    assert frozen_plans.table_digest(result.op_table()) == frozen["digests"][index], case
+    assert _same_costs(result, *row[5:8]), case

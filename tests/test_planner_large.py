@@ -15,6 +15,24 @@ evaluation is evaluated at least twice, and all the internal states stored at fi
 evaluation are held when step T runs backward, so at most ``(B - q) // a`` of them (plus
 step T itself, whose internal state is at hand) are evaluated once:
 ``forward_evals >= 2T - (B - q) // a - 1`` (budget B in units, h_0 = q units).
+
+(a) forces the chained method with ``_EXACT_WORK_LIMIT = 0``, but `plan` checks for the O(T)
+lower-bound schedule first: at the 5% and 20% budgets msm and ism take that schedule, so
+those cases check it, not the chain. (d) tests the chain where `plan` really uses it:
+
+(d) the chained method where `plan` takes it by default: no lower-bound schedule exists
+(msm/ism budgets below about sqrt(2T) internal states; any hsm budget) and the exact DP is
+above `_EXACT_WORK_LIMIT`. With the default limits that is msm/ism at T = 20,000 between
+0.5% and 1% of standard BPTT's memory (alpha 2), T = 100,000 between 0.02% and 0.45%,
+T = 1,000,000 below 0.14%, and hsm at most budgets from T = 10,000 on, where the exact
+optimum takes minutes to compute or does not fit in memory. So the four limits (exact work,
+chunk work, chunk cells) are scaled down by `LIMIT_SCALE`, which routes T = 1000..2000 the
+same way and cuts them into chunk tables of 1/1.6 to 1/25 of T (T = 100,000 at 0.1-0.2%
+has 1/13 to 1/26), and the exact DP gives the optimum. The chain is *not* always optimal
+there: it costs up to 1.2% more (msm, alpha 4, T = 1000, 33 slots: 2881 vs 2847), up to
+1.0% for ism, and nothing more for hsm; the measured costs are asserted, so a change in
+either shows. A few cases at the default limits (T = 10,000 hsm, T = 20,000 msm/ism; the
+msm and ism ones are slow) cost 0 or 4 evaluations (0.01%) more than the optimum.
 """
 
 import math
@@ -25,8 +43,11 @@ import textwrap
 import pytest
 
 import tf_membptt.planner as planner_module
+import numpy as np
+
 from tf_membptt import plan
-from tf_membptt.simulate import simulate
+from tf_membptt.simulate import (numpy_toy_rnn_gradients,
+                                 numpy_toy_rnn_reference_gradients, simulate)
 
 # Exact optimal costs: "T,memory_slots,strategy,alpha" -> forward_evals (exact DP).
 EXACT = {
@@ -199,3 +220,128 @@ def test_planner_still_imports_no_tensorflow():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "False"
+
+
+# --------------------------------------------------------------------------------------
+# (d) The chained method where `plan` uses it
+# --------------------------------------------------------------------------------------
+LIMIT_SCALE = 0.003
+SCALED_LIMITS = ("_EXACT_WORK_LIMIT", "_CHUNK_WORK_LIMIT", "_CHUNK_CELL_LIMIT",
+                 "_CHUNK_CELL_HARD_LIMIT")
+
+# (T, memory_slots, strategy, alpha, exact optimum, chained cost with the scaled limits).
+# The optimum is recomputed by the test; both were measured with the planner of this file's
+# commit. "slow" cases run only with -m slow.
+CHAINED_AT_SCALED_LIMITS = [
+    (1000, 13, "msm", 1.5, 3599, 3608),  # T/nmax 1.6
+    (1000, 17, "msm", 2.0, 3366, 3381),  # T/nmax 2.1
+    (1000, 45, "msm", 2.0, 2447, 2447),  # T/nmax 5.6
+    (1000, 71, "msm", 2.0, 1974, 1979),  # T/nmax 8.8
+    (1000, 88, "msm", 2.5, 1971, 1977),  # T/nmax 11.0
+    (1000, 25, "msm", 3.0, 2916, 2926),  # T/nmax 3.1
+    (1000, 33, "msm", 4.0, 2847, 2881),  # T/nmax 4.1: the largest gap, 1.19%
+    (1000, 45, "msm", 1.3, 2220, 2220),  # alpha charged 11/8; T/nmax 22.2
+    (2000, 101, "msm", 2.0, 3964, 3972),  # T/nmax 12.6
+    (1000, 45, "ism", 2.0, 2678, 2678),  # T/nmax 2.9
+    (2000, 25, "ism", 2.0, 7324, 7397),  # T/nmax 6.5: 1.00%
+    (2000, 101, "ism", 2.0, 4572, 4572),  # T/nmax 25.3
+    (1000, 20, "hsm", 2.0, 3747, 3747),  # T/nmax 2.5
+    (1000, 100, "hsm", 2.0, 2898, 2898),  # T/nmax 12.5
+    (1000, 30, "hsm", 3.0, 3472, 3472),  # T/nmax 3.7
+    (2000, 200, "hsm", 2.0, 5798, 5798),  # T/nmax 25.0
+] + [pytest.param(*case, marks=pytest.mark.slow) for case in [
+    (1000, 34, "msm", 1.5, 2578, 2578),
+    (1000, 53, "msm", 1.5, 2009, 2009),
+    (1000, 21, "msm", 2.5, 3112, 3112),
+    (1000, 56, "msm", 2.5, 2326, 2326),
+    (1000, 67, "msm", 3.0, 2194, 2194),
+    (1000, 106, "msm", 3.0, 1969, 1974),
+    (1000, 89, "msm", 4.0, 1994, 1994),
+    (1000, 141, "msm", 4.0, 1967, 1972),
+    (1000, 17, "msm", 1.3, 3167, 3167),
+    (2000, 25, "msm", 2.0, 6244, 6244),
+    (2000, 63, "msm", 2.0, 4943, 4943),
+    (2000, 37, "msm", 3.0, 5763, 5826),
+    (2000, 94, "msm", 3.0, 4447, 4447),
+    (2000, 151, "msm", 3.0, 3956, 3964),
+    (1000, 17, "ism", 2.0, 4004, 4004),
+    (1000, 71, "ism", 2.0, 2262, 2262),
+    (2000, 63, "ism", 2.0, 5408, 5408),
+    (2000, 37, "ism", 3.0, 7324, 7397),
+    (2000, 94, "ism", 3.0, 5408, 5408),
+    (2000, 151, "ism", 3.0, 4572, 4572),
+    (1000, 400, "hsm", 2.0, 2598, 2598),
+    (1000, 150, "hsm", 3.0, 2848, 2848),
+    (2000, 40, "hsm", 2.0, 7097, 7097),
+]]
+
+# The same at the default limits: (..., exact optimum, chained cost); the exact DP takes
+# ~2 s (hsm), ~5 s (ism), ~30 s (msm, alpha 2) and ~2 min (msm, alpha 3).
+CHAINED_AT_DEFAULT_LIMITS = [
+    (10_000, 1000, "hsm", 2.0, 28_998, 28_998),
+] + [pytest.param(*case, marks=pytest.mark.slow) for case in [
+    (20_000, 281, "ism", 2.0, 49_707, 49_707),
+    (20_000, 281, "msm", 2.0, 39_993, 39_993),
+    (20_000, 421, "msm", 3.0, 39_901, 39_905),
+]]
+
+
+def _budget_units(memory_slots, alpha):
+    a, q = planner_module.alpha_units(alpha)
+    return int(math.floor(memory_slots * q + 1e-9)), a, q
+
+
+def _assert_plan_chains(T, memory_slots, strategy, alpha):
+    """`plan`'s own route (at the limits in force) is the chained method, in chunks."""
+    budget, a, q = _budget_units(memory_slots, alpha)
+    assert budget < planner_module._saturation(T, a, q, strategy)
+    assert planner_module._boundary_chunks(T, budget, a, q, strategy) is None
+    assert planner_module._dp_work(T, budget, a, q, strategy)[0] > \
+        planner_module._EXACT_WORK_LIMIT
+    assert planner_module._chunk_rows(T, budget, a, q, strategy) < T
+
+
+def _exact_optimum(T, memory_slots, strategy, alpha):
+    budget, a, q = _budget_units(memory_slots, alpha)
+    tables, _ = planner_module._solve(T, budget, a, q, strategy)
+    return int(tables.cost["Q"][T, min(budget, tables.width - 1)])
+
+
+def _check_chained_plan(result, memory_slots, chained):
+    assert result.forward_evals == chained
+    assert result.method == _chained_method(result)
+    assert result.peak_memory <= memory_slots
+    sim = simulate(result)
+    assert (sim.forward_evals, sim.peak_memory) == (result.forward_evals, result.peak_memory)
+    rng = np.random.default_rng(result.num_steps)
+    hidden, inputs, T = 3, 2, result.num_steps
+    toy = dict(W=rng.normal(scale=0.5, size=(hidden, hidden)),
+               U=rng.normal(size=(hidden, inputs)), xs=rng.normal(size=(T, inputs)),
+               h0=rng.normal(size=hidden), output_weights=rng.normal(size=(T, hidden)),
+               final_state_grad=rng.normal(size=hidden))
+    got = numpy_toy_rnn_gradients(result, **toy)
+    expected = numpy_toy_rnn_reference_gradients(**toy)
+    for name, value, reference in zip(got._fields, got, expected):
+        np.testing.assert_allclose(value, reference, rtol=0, atol=1e-10, err_msg=name)
+
+
+@pytest.mark.parametrize("T,m,strategy,alpha,optimum,chained", CHAINED_AT_SCALED_LIMITS)
+def test_chained_method_where_plan_uses_it(T, m, strategy, alpha, optimum, chained,
+                                           monkeypatch, fresh_cache):
+    with monkeypatch.context() as patch:
+        for name in SCALED_LIMITS:
+            patch.setattr(planner_module, name,
+                          getattr(planner_module, name) * LIMIT_SCALE)
+        _assert_plan_chains(T, m, strategy, alpha)
+        result = plan(T, m, strategy=strategy, alpha=alpha)
+    assert _exact_optimum(T, m, strategy, alpha) == optimum
+    _check_chained_plan(result, m, chained)
+
+
+@pytest.mark.parametrize("T,m,strategy,alpha,optimum,chained", CHAINED_AT_DEFAULT_LIMITS)
+def test_chained_method_at_default_limits(T, m, strategy, alpha, optimum, chained,
+                                          fresh_cache):
+    _assert_plan_chains(T, m, strategy, alpha)
+    result = plan(T, m, strategy=strategy, alpha=alpha)
+    assert _exact_optimum(T, m, strategy, alpha) == optimum
+    _check_chained_plan(result, m, chained)

@@ -60,6 +60,9 @@ takes about a second or less at any budget.
 
 Which method `plan` uses
 ------------------------
+In this order: a budget that can store every state the strategy stores gets the closed-form
+optimum (`_store_everything_ops`); a budget where a schedule meeting the lower bound exists
+gets it, built in O(T) ("Budgets where the bound is reachable directly" below); otherwise
 ``plan`` runs the exact DP when its work (the ``(n, b)`` cells searched, `_dp_work`) is at
 most `_EXACT_WORK_LIMIT` = 4e6 cells: a few seconds and at most ~300 MB of tables (T=1000
 at any budget, T=10,000 at budgets up to ~2%). Above it, the tables would grow as
@@ -90,20 +93,34 @@ the better chain after costing both exactly (`_ChainSearch`; histograms of incre
 every ``k`` cost ``O(V)``). The chain is emitted through the same `_Emitter` and work
 loop as the exact plan, so it is a valid LIFO schedule within the budget.
 
-Quality: at a budget of ``f`` of standard BPTT with ``T`` up to ``(B/a)^2 / 2`` the
-optimum is the lower bound ``2T - (B - q) // a - 1`` (every step whose internal state is
-not stored at its first evaluation is evaluated twice; at most ``(B - q) // a`` internal
-states, plus step T's, can be held when step T runs backward): ~(2 - f) T. The chain of
-saturated internal-state chunks meets it exactly, e.g. T=100,000 at 5% (195,000
-evaluations, ~7 s, ~250 MB peak RSS), and HSM's chain meets Revolve's closed form. Where
-the exact DP is computable (T in 1000..5000, budgets 1-20%, alpha 2 and 4, msm/hsm/ism,
-with the chunk tables forced to a tenth of the exact work) the approximate cost equals the
-exact one in every case tested (tests/test_planner_large.py, benchmarks/bench_planner.py).
-It is not proven optimal in general: for budgets so small relative to T that chunks
-themselves need deep recursion beyond ``nmax`` rows, only the chain's top level is
-restricted; such budgets give narrow tables, so ``nmax`` is raised to cover them.
-A chained plan that meets the lower bound (`_lower_bound`) is proven optimal and labelled
-``method="exact"``; otherwise it is ``"approximate"``.
+Where it is used: only where no lower-bound schedule exists (msm/ism budgets below about
+``sqrt(2T)`` internal states; any hsm budget) and the exact DP is above its limit. For msm
+and ism with alpha 2 that is T = 20,000 at 0.5-1% of standard BPTT's memory, T = 100,000 at
+0.02-0.45% and T = 1,000,000 below 0.14% (alpha 3 alike; T = 10,000 only at 1.34-1.39%);
+for hsm most budgets from T = 10,000 on.
+
+Quality: it is not always optimal. Chunks longer than ``nmax`` rows can only run
+saturated, so where the optimum makes a chunk longer than the tables, the chain costs more.
+Measured against the exact DP (tests/test_planner_large.py, "(d)"): with the limits scaled
+down so that T = 1000..2000 are routed and chunked as longer sequences are, msm costs 0 to
+1.19% more (alpha 4, T = 1000, 33 slots: 2881 vs 2847), ism 0 to 1.00% (T = 2000, 25
+slots, alpha 2: 7397 vs 7324; with tables of 1231 rows instead of 308 it is 7324), hsm
+nothing (Revolve); at the default limits T = 10,000 hsm at 5% and T = 20,000 msm/ism at
+0.7% cost 0 to 4 evaluations (0.01%) more. A chained plan that meets the lower bound
+(`_lower_bound`) is proven optimal and labelled ``method="exact"``; otherwise it is
+``"approximate"``.
+
+Op tables
+---------
+Plans are emitted as op tables (``int32`` rows: kind, step, slot, hidden_below,
+internal_below; see `schedule.py`), never as per-op records: the O(T) schedules (lower
+bound, store everything, ``full``) in closed form with numpy, and the DP's and the chain's
+schedules by `_Emitter`, which appends five integers per op and builds long regular runs
+(advances, triangles, saturated chunk runs) as numpy blocks. With `_count` and the plan's
+counts vectorized, msm at 5% plans T = 100,000 in about 0.1 s and T = 1,000,000 in about
+1 s, and `op_table()` and `describe()` add under 0.1 s (benchmarks/results/planner.md;
+with a list of `Op` records they took 1.3 s and 14 s to plan, and about as long again each
+for `op_table()` and `describe()`).
 
 Budgets where the bound is reachable directly
 ---------------------------------------------
@@ -113,8 +130,8 @@ chunk boundaries ending at step T - 1, and each chunk between two boundaries is 
 once, storing its own internal states, after the boundary above it is freed. That fits when
 the T - 1 - k other steps number at most (k + 1)(k + 2) / 2 - 1 (roughly k >= sqrt(2T):
 from about 1.5% of standard BPTT's memory at T = 1000, alpha 2). Such plans cost exactly the
-bound, so they are optimal, and take O(T) to build. Tests check them against the DP on
-thousands of small cases.
+bound, so they are optimal, and take O(T) to build (one numpy construction, no loop over
+ops). Tests check them against the DP on thousands of small cases.
 """
 
 from __future__ import annotations
@@ -126,7 +143,7 @@ from typing import List, Tuple
 
 import numpy as np
 
-from tf_membptt.schedule import STRATEGIES, Op, OpKind, Plan
+from tf_membptt.schedule import STRATEGIES, OpKind, Plan
 
 _INF = np.int64(1) << 52
 _MAX_UNITS_PER_SLOT = 8
@@ -146,6 +163,9 @@ _CHUNK_CELL_HARD_LIMIT = 2.5e7
 _WINDOWS = (4, 64, 512, 2048)
 # Run length of the verified invariant on increments used by the certificates.
 _RUN = 4
+# The emitter builds runs of at least this many steps (advances, triangles, saturated
+# stores) as numpy blocks, shorter ones op by op.
+_RUN_ROWS = 32
 
 # Choice codes in the DP tables.
 _TRIANGLE, _STORE_HIDDEN, _STORE_INTERNAL, _FREE_START = 0, 1, 2, 3
@@ -241,31 +261,31 @@ def plan(num_steps, memory_slots, *, strategy: str = "msm", alpha=2.0) -> Plan:
 @functools.lru_cache(maxsize=64)
 def _cached_plan(num_steps: int, memory_slots: float, strategy: str, alpha: float) -> Plan:
     if strategy == "full":
-        ops, method, units = _full_ops(num_steps), "fixed", alpha_units(alpha)
+        table, method, units = _full_ops(num_steps), "fixed", alpha_units(alpha)
     elif strategy == "chen":
-        ops, method, units = _chen_ops(num_steps), "fixed", alpha_units(alpha)
+        table, method, units = _chen_ops(num_steps), "fixed", alpha_units(alpha)
     else:
         a, q = units = alpha_units(alpha)
         budget = int(math.floor(memory_slots * q + 1e-9))
         if budget >= _saturation(num_steps, a, q, strategy):
             # Enough memory to store every state the strategy can store: the optimum is
             # known in closed form (T evaluations; 2T - 1 for hsm), no table needed.
-            ops, method = _store_everything_ops(num_steps, strategy), "exact"
+            table, method = _store_everything_ops(num_steps, strategy), "exact"
         elif _boundary_chunks(num_steps, budget, a, q, strategy) is not None:
             # A schedule that meets the lower bound exists and is built in O(T): optimal.
-            ops, method = _lower_bound_ops(num_steps, budget, a, q, strategy), "exact"
+            table, method = _lower_bound_ops(num_steps, budget, a, q, strategy), "exact"
         elif _dp_work(num_steps, budget, a, q, strategy)[0] <= _EXACT_WORK_LIMIT:
             tables, method = _solve(num_steps, budget, a, q, strategy)
-            ops = _emit(tables, num_steps, budget, a, q)
+            table = _emit(tables, num_steps, budget, a, q)
         else:
-            ops, method = _chain_ops(num_steps, budget, a, q, strategy), "approximate"
-    forward_evals, peak_units = _count(ops, *units)
+            table, method = _chain_ops(num_steps, budget, a, q, strategy), "approximate"
+    forward_evals, peak_units = _count(table, *units)
     if method == "approximate" and forward_evals == _lower_bound(num_steps, budget, a, q,
                                                                    strategy):
         method = "exact"  # it meets a lower bound on every schedule: proven optimal
     return Plan(num_steps=num_steps, memory_slots=memory_slots, strategy=strategy,
                 alpha=alpha, forward_evals=forward_evals, peak_memory=peak_units / units[1],
-                ops=tuple(ops), method=method, alpha_units=units)
+                table=table, method=method, alpha_units=units)
 
 
 def _lower_bound(T: int, budget: int, a: int, q: int, strategy: str) -> int:
@@ -307,66 +327,117 @@ def _boundary_chunks(T: int, budget: int, a: int, q: int, strategy: str):
     return lengths
 
 
-def _lower_bound_ops(T: int, budget: int, a: int, q: int, strategy: str) -> List[Op]:
-    """The schedule of `_boundary_chunks`: optimal, since it meets `_lower_bound`."""
-    lengths = _boundary_chunks(T, budget, a, q, strategy)
-    boundaries, position = [0], 0
-    for length in lengths:
-        position += length + 1
-        boundaries.append(position)
-    assert boundaries[-1] == T - 1
-    emitter = _Emitter()
-    for boundary in boundaries[1:]:
-        emitter.advance(boundary - emitter.cursor)
-        emitter.store("i")
-    emitter.advance(1)
-    emitter.backward_cursor()  # step T
-    for j in range(len(lengths), 0, -1):
-        start, end = boundaries[j - 1], boundaries[j]
-        emitter.backward_stored_and_free(end)
-        if end - start > 1:
-            emitter.restore_to(start)
-            for _ in range(end - start - 2):
-                emitter.advance(1)
-                emitter.store("i")
-            emitter.advance(1)
-            emitter.backward_cursor()  # step end - 1
-            for step in range(end - 2, start, -1):
-                emitter.backward_stored_and_free(step)
-    return emitter.ops
+def _lower_bound_ops(T: int, budget: int, a: int, q: int, strategy: str) -> np.ndarray:
+    """The op table of `_boundary_chunks`' schedule: optimal, since it meets `_lower_bound`.
+
+    Built in closed form with numpy (it is the schedule of most budgets of a few percent and
+    up, where plans of long sequences have millions of ops).
+    """
+    # int32 throughout, as in the table: the per-row temporaries below are millions long.
+    lengths = np.asarray(_boundary_chunks(T, budget, a, q, strategy), np.int32)
+    k = lengths.size
+    chunk = np.arange(1, k + 1, dtype=np.int32)  # chunk j: between p_{j-1} and p_j
+    ends = np.cumsum(lengths + 1, dtype=np.int32)  # p_j; p_0 = 0 is h_0
+    starts = ends - lengths - 1
+    assert ends[-1] == T - 1
+    # Backward, chunks j = k..1, each as one block of rows at offsets r = 0, 1, ...:
+    #   r = 0, 1: backward of p_j from slot j, and its free;
+    #   (if the chunk recomputes L >= 1 steps) r = 2: restore p_{j-1} (slot j - 1);
+    #   r = 3 .. 2L: advance and store I of steps p_{j-1} + 1 .. p_j - 2 (slots j, j + 1, ..);
+    #   r = 2L + 1, 2L + 2: advance step p_j - 1 and run its backward at the cursor;
+    #   r = 2L + 3 .. 4L: backward and free of the stored steps, last first.
+    sizes = 2 + np.where(lengths > 0, 4 * lengths - 1, 0)[::-1]
+    sweep_rows = T - 1 + k
+    table = np.empty((sweep_rows + 2 + int(sizes.sum()), 5), np.int32)
+    # First sweep: steps 1..T-1, each boundary's internal state stored right after its
+    # evaluation (in slot j, above h_0 and the j - 1 boundaries before it); then step T.
+    sweep = table[:sweep_rows]
+    is_store = np.zeros(sweep_rows, bool)
+    is_store[ends + chunk - 1] = True  # after p_j advances and j - 1 stores
+    sweep[~is_store] = _rows(OpKind.ADVANCE, np.arange(1, T))
+    sweep[is_store] = _rows(OpKind.STORE_INTERNAL, ends, chunk, 1, chunk - 1)
+    table[sweep_rows:sweep_rows + 2] = _rows([OpKind.ADVANCE, OpKind.BACKWARD_CURSOR], T)
+    owner = np.repeat(np.arange(k, dtype=np.int32)[::-1], sizes)  # j - 1 of each row
+    r = np.arange(len(owner), dtype=np.int32) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    j, length = chunk[owner], lengths[owner]
+    start, end = starts[owner], ends[owner]
+    odd = r % 2 == 1  # an advance (or a backward) in the two runs; even: its store (free)
+    forward = (r - 3) // 2  # the run's i-th stored step is p_{j-1} + 1 + i, in slot j + i
+    backward = length - 2 - (r - 2 * length - 3) // 2
+    stored = np.where(r < 2 * length + 1, forward, backward)
+    regions = [r == 0, r == 1, r == 2, r < 2 * length + 1, r == 2 * length + 1,
+               r == 2 * length + 2, r > 2 * length + 2]
+    chunks = table[sweep_rows + 2:]
+    chunks[:, 0] = np.select(regions, [
+        OpKind.BACKWARD_STORED, OpKind.FREE, OpKind.RESTORE,
+        np.where(odd, OpKind.ADVANCE, OpKind.STORE_INTERNAL), OpKind.ADVANCE,
+        OpKind.BACKWARD_CURSOR, np.where(odd, OpKind.BACKWARD_STORED, OpKind.FREE)])
+    chunks[:, 1] = np.select(regions, [end, end, start, start + 1 + stored, end - 1, end - 1,
+                                       start + 1 + stored])
+    chunks[:, 2] = np.select(regions, [j, j, j - 1, np.where(odd, -1, j + stored), -1, -1,
+                                       j + stored])
+    chunks[:, 3] = np.select(regions, [1, 1, j > 1, np.where(odd, 0, 1), 0, 0, 1])
+    chunks[:, 4] = np.select(regions, [j - 1, j - 1, np.maximum(j - 2, 0),
+                                       np.where(odd, 0, j - 1 + stored), 0, 0, j - 1 + stored])
+    table.flags.writeable = False
+    return table
 
 
-def _store_everything_ops(T: int, strategy: str) -> List[Op]:
+def _store_everything_ops(T: int, strategy: str) -> np.ndarray:
     """The optimal schedule at a saturated budget: msm/ism store every internal state but
     the last step's (T evaluations); hsm stores every hidden state (2T - 1)."""
-    emitter = _Emitter()
-    kind = "h" if strategy == "hsm" else "i"
-    for _ in range(T - 1):
-        emitter.advance(1)
-        emitter.store(kind)
-    emitter.advance(1)
-    emitter.backward_cursor()
-    for step in range(T - 1, 0, -1):
-        if kind == "i":
-            emitter.backward_stored_and_free(step)
-        else:
-            emitter.free_top()  # h_step is not needed once step + 1 is done
-            emitter.restore_to(step - 1)
-            emitter.advance(1)
-            emitter.backward_cursor()
-    return emitter.ops
+    steps = np.arange(1, T)  # stored in the first sweep
+    back = steps[::-1]
+    last = _rows([OpKind.ADVANCE, OpKind.BACKWARD_CURSOR], T)
+    if strategy == "hsm":
+        sweep = _interleave(_rows(OpKind.ADVANCE, steps),
+                            _rows(OpKind.STORE_HIDDEN, steps, steps, steps))
+        # h_step is not needed once step + 1 is done; step is recomputed from h_{step-1}.
+        backward = _interleave(_rows(OpKind.FREE, back, back, back),
+                               _rows(OpKind.RESTORE, back - 1, back - 1, back - 1),
+                               _rows(OpKind.ADVANCE, back), _rows(OpKind.BACKWARD_CURSOR, back))
+    else:
+        sweep = _interleave(_rows(OpKind.ADVANCE, steps),
+                            _rows(OpKind.STORE_INTERNAL, steps, steps, 1, steps - 1))
+        backward = _interleave(_rows(OpKind.BACKWARD_STORED, back, back, 1, back - 1),
+                               _rows(OpKind.FREE, back, back, 1, back - 1))
+    return _table(sweep, last, backward)
 
 
-def _count(ops: List[Op], a: int, q: int) -> Tuple[int, int]:
-    """Forward evaluations and peak stored memory (in units) of an op list."""
-    evals = sum(1 for op in ops if op.kind == OpKind.ADVANCE)
+def _count(table: np.ndarray, a: int, q: int) -> Tuple[int, int]:
+    """Forward evaluations and peak stored memory (in units) of an op table."""
+    kind = table[:, 0]
+    evals = int(np.count_nonzero(kind == OpKind.ADVANCE))
+    # Memory grows only at stores: right after one it is what lies below the new slot plus
+    # the new state.
+    below = table[:, 3].astype(np.int64) * q + table[:, 4].astype(np.int64) * a
     peak = q
-    for op in ops:
-        if op.kind == OpKind.STORE_HIDDEN:
-            peak = max(peak, (op.hidden_below + 1) * q + op.internal_below * a)
-        elif op.kind == OpKind.STORE_INTERNAL:
-            peak = max(peak, op.hidden_below * q + (op.internal_below + 1) * a)
+    for code, size in ((OpKind.STORE_HIDDEN, q), (OpKind.STORE_INTERNAL, a)):
+        stores = below[kind == code]
+        if stores.size:
+            peak = max(peak, int(stores.max()) + size)
     return evals, peak
+
+
+# --------------------------------------------------------------------------------------
+# Op tables
+# --------------------------------------------------------------------------------------
+def _rows(kind, step, slot=-1, hidden=0, internal=0) -> np.ndarray:
+    """Op-table rows from their columns (arrays or scalars, broadcast together)."""
+    columns = np.broadcast_arrays(kind, step, slot, hidden, internal)
+    return np.stack(columns, axis=1).astype(np.int32).reshape(-1, 5)
+
+
+def _interleave(*blocks: np.ndarray) -> np.ndarray:
+    """Equally long blocks of rows, merged row by row: row i of each block in turn."""
+    return np.stack(blocks, axis=1).reshape(-1, 5)
+
+
+def _table(*blocks: np.ndarray) -> np.ndarray:
+    """The read-only ``int32`` op table of blocks of rows, in order."""
+    table = np.concatenate(blocks).astype(np.int32, copy=False)
+    table.flags.writeable = False
+    return table
 
 
 # --------------------------------------------------------------------------------------
@@ -626,19 +697,39 @@ class _Solver:
 # From tables to ops
 # --------------------------------------------------------------------------------------
 class _Emitter:
-    """Turns DP choices into ops, tracking the cursor and the stack of stored states.
+    """Turns DP choices into op-table rows, tracking the cursor and the stack of stored
+    states.
 
     Invariant: while a segment is processed its start is the top of the stack, so every
     allocation is LIFO and a slot's position is its stack index. The number of hidden
     states on the stack is kept as a running count (plans of 10^5 steps hold thousands of
     states: recounting the stack at every op would be quadratic).
+
+    Single ops are appended to a flat list of integers (five per op: cheaper than a record
+    or a numpy row each); long runs of a regular shape (`_RUN_ROWS` steps or more: a long
+    advance, a triangle, a saturated run of stores) are built as numpy blocks.
     """
 
     def __init__(self):
-        self.ops: List[Op] = []
+        self.rows: List[int] = []  # the ops since the last block, five integers each
+        self.blocks: List[np.ndarray] = []
         self.stack: List[Tuple[str, int]] = [("h", 0)]  # (kind, step); h_0 is never freed
         self.hidden = 1  # hidden states on the stack
         self.cursor = 0
+
+    def table(self) -> np.ndarray:
+        """The op table of everything emitted."""
+        self._flush()
+        return _table(np.zeros((0, 5), np.int32), *self.blocks)
+
+    def _flush(self):
+        if self.rows:
+            self.blocks.append(np.asarray(self.rows, np.int32).reshape(-1, 5))
+            self.rows = []
+
+    def _block(self, block: np.ndarray):
+        self._flush()
+        self.blocks.append(block)
 
     def _below(self):
         return self.hidden, len(self.stack) - self.hidden
@@ -654,19 +745,23 @@ class _Emitter:
         kind, step = self.stack[-1]
         assert step == start, "segment start must be the top of the stack"
         hidden, internal = self._below_top()
-        self.ops.append(Op(OpKind.RESTORE, start, len(self.stack) - 1, hidden, internal))
+        self.rows.extend((OpKind.RESTORE, start, len(self.stack) - 1, hidden, internal))
         self.cursor = start
 
     def advance(self, count: int):
-        ops, cursor = self.ops, self.cursor
-        for step in range(cursor + 1, cursor + count + 1):
-            ops.append(Op(OpKind.ADVANCE, step))
+        cursor = self.cursor
+        if count >= _RUN_ROWS:
+            self._block(_rows(OpKind.ADVANCE, np.arange(cursor + 1, cursor + count + 1)))
+        else:
+            extend = self.rows.extend
+            for step in range(cursor + 1, cursor + count + 1):
+                extend((OpKind.ADVANCE, step, -1, 0, 0))
         self.cursor = cursor + count
 
     def store(self, kind: str):
         hidden, internal = self._below()
         code = OpKind.STORE_HIDDEN if kind == "h" else OpKind.STORE_INTERNAL
-        self.ops.append(Op(code, self.cursor, len(self.stack), hidden, internal))
+        self.rows.extend((code, self.cursor, len(self.stack), hidden, internal))
         self.stack.append((kind, self.cursor))
         self.hidden += kind == "h"
 
@@ -674,7 +769,7 @@ class _Emitter:
         kind, step = self.stack.pop()
         self.hidden -= kind == "h"
         hidden, internal = self._below()
-        self.ops.append(Op(OpKind.FREE, step, len(self.stack), hidden, internal))
+        self.rows.extend((OpKind.FREE, step, len(self.stack), hidden, internal))
 
     def backward_stored_and_free(self, step: int):
         """Backward of `step` from its internal state on top of the stack, which is then
@@ -682,18 +777,111 @@ class _Emitter:
         kind, top_step = self.stack[-1]
         assert kind == "i" and top_step == step
         hidden, internal = self._below_top()
-        self.ops.append(Op(OpKind.BACKWARD_STORED, step, len(self.stack) - 1, hidden,
-                           internal))
-        self.free_top()
+        slot = len(self.stack) - 1
+        self.rows.extend((OpKind.BACKWARD_STORED, step, slot, hidden, internal,
+                          OpKind.FREE, step, slot, hidden, internal))
+        self.stack.pop()
 
     def backward_cursor(self):
-        self.ops.append(Op(OpKind.BACKWARD_CURSOR, self.cursor))
+        self.rows.extend((OpKind.BACKWARD_CURSOR, self.cursor, -1, 0, 0))
+
+    # -- runs: the ops of several calls above at once -------------------------------------
+    def store_run(self, kind: str, count: int):
+        """`count` times: advance one step and store it (``kind`` "h" or "i")."""
+        if count < _RUN_ROWS:
+            for _ in range(count):
+                self.advance(1)
+                self.store(kind)
+            return
+        steps = np.arange(self.cursor + 1, self.cursor + count + 1)
+        slots = len(self.stack) + np.arange(count)
+        if kind == "h":
+            hidden = self.hidden + np.arange(count)
+            stores = _rows(OpKind.STORE_HIDDEN, steps, slots, hidden, slots - hidden)
+        else:
+            stores = _rows(OpKind.STORE_INTERNAL, steps, slots, self.hidden,
+                           slots - self.hidden)
+        self._block(_interleave(_rows(OpKind.ADVANCE, steps), stores))
+        self.stack.extend(zip([kind] * count, range(self.cursor + 1, self.cursor + count + 1)))
+        self.hidden += count if kind == "h" else 0
+        self.cursor += count
+
+    def backward_stored_run(self, count: int):
+        """`backward_stored_and_free` of the `count` internal states on top of the stack,
+        which hold consecutive steps (the top one last evaluated)."""
+        if count < _RUN_ROWS:
+            for _ in range(count):
+                self.backward_stored_and_free(self.stack[-1][1])
+            return
+        top = self.stack[-1][1]
+        assert self.stack[-1] == ("i", top) and self.stack[-count] == ("i", top - count + 1)
+        steps = top - np.arange(count)
+        slots = len(self.stack) - 1 - np.arange(count)
+        rows = _rows(OpKind.BACKWARD_STORED, steps, slots, self.hidden, slots - self.hidden)
+        frees = rows.copy()
+        frees[:, 0] = OpKind.FREE
+        self._block(_interleave(rows, frees))
+        del self.stack[-count:]
+
+    def hidden_backward_run(self, start: int, count: int):
+        """The backward of steps ``start + count .. start + 1`` when ``h_start .. h_{start +
+        count}`` top the stack (a saturated hsm run): for each step, last first, free its
+        hidden state, restore the one before, evaluate the step and run its backward."""
+        if count < _RUN_ROWS:
+            for step in range(start + count, start, -1):
+                self.free_top()
+                self.restore_to(step - 1)
+                self.advance(1)
+                self.backward_cursor()
+            return
+        assert self.stack[-1] == ("h", start + count) and self.stack[-count - 1] == ("h", start)
+        steps = start + count - np.arange(count)
+        slots = len(self.stack) - 1 - np.arange(count)  # of h_step, freed
+        hidden = self.hidden - 1 - np.arange(count)  # hidden states below it
+        internal = len(self.stack) - self.hidden
+        block = _interleave(_rows(OpKind.FREE, steps, slots, hidden, internal),
+                            _rows(OpKind.RESTORE, steps - 1, slots - 1, hidden - 1, internal),
+                            _rows(OpKind.ADVANCE, steps),
+                            _rows(OpKind.BACKWARD_CURSOR, steps))
+        if self.cursor == start + count - 1:  # already there: no first restore
+            block = np.delete(block, 1, axis=0)
+        self._block(block)
+        del self.stack[-count:]
+        self.hidden -= count
+        self.cursor = start + 1
+
+    def triangle(self, start: int, n: int):
+        """Backward of the ``n`` steps after `start` (the top of the stack) with nothing
+        stored: for each step, last first, restore `start` and evaluate up to it."""
+        if n < _RUN_ROWS:
+            for last in range(n, 0, -1):
+                self.restore_to(start)
+                self.advance(last)
+                self.backward_cursor()
+            return
+        # One group per step `start + last`: restore, `last` advances, backward.
+        lasts = np.arange(n, 0, -1)
+        sizes = lasts + 2
+        group = np.repeat(np.arange(n), sizes)
+        offset = np.arange(int(sizes.sum())) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+        last = lasts[group]
+        hidden, internal = self._below_top()
+        kind = np.select([offset == 0, offset <= last],
+                         [OpKind.RESTORE, OpKind.ADVANCE], OpKind.BACKWARD_CURSOR)
+        step = np.where(offset == 0, start, start + np.minimum(offset, last))
+        restore = offset == 0
+        block = _rows(kind, step, np.where(restore, len(self.stack) - 1, -1),
+                      np.where(restore, hidden, 0), np.where(restore, internal, 0))
+        if self.cursor == start:  # restore_to emits nothing when already there
+            block = block[1:]
+        self._block(block)
+        self.cursor = start + 1
 
 
-def _emit(tables: _Tables, T: int, B: int, a: int, q: int) -> List[Op]:
+def _emit(tables: _Tables, T: int, B: int, a: int, q: int) -> np.ndarray:
     emitter = _Emitter()
     _run_work(emitter, tables, [("seg", "Q", 0, T, B)], a, q)
-    return emitter.ops
+    return emitter.table()
 
 
 def _run_work(emitter: _Emitter, tables, work: list, a: int, q: int) -> None:
@@ -702,8 +890,12 @@ def _run_work(emitter: _Emitter, tables, work: list, a: int, q: int) -> None:
 
     * ``("seg", kind, start, n, b)``: a segment, its start at the top of the stack;
     * ``("free_h", step)``: free ``h_step`` unless a FREE_START already did;
-    * ``("bwd_free", step)``: backward of ``step`` from its stored ``I``, then free it.
+    * ``("bwd_free", step)``: backward of ``step`` from its stored ``I``, then free it;
+    * ``("bwd_run", count)``: ``bwd_free`` of the `count` internal states on top;
+    * ``("hidden_run", start, count)``: the backward of a saturated hsm run (see
+      `_saturated_run`).
     """
+    saturated = getattr(tables, "saturated_run", None)
     while work:
         item = work.pop()
         if item[0] == "free_h":
@@ -713,15 +905,21 @@ def _run_work(emitter: _Emitter, tables, work: list, a: int, q: int) -> None:
         if item[0] == "bwd_free":
             emitter.backward_stored_and_free(item[1])
             continue
+        if item[0] == "bwd_run":
+            emitter.backward_stored_run(item[1])
+            continue
+        if item[0] == "hidden_run":
+            emitter.hidden_backward_run(item[1], item[2])
+            continue
         _, kind, start, n, b = item
         if n == 0:
             continue
+        if saturated is not None and saturated(kind, n):
+            _saturated_run(emitter, tables, work, kind, start, n, b, a, q)
+            continue
         choice, y = tables.lookup(kind, n, b)
         if choice == _TRIANGLE:
-            for last in range(n, 0, -1):
-                emitter.restore_to(start)
-                emitter.advance(last)
-                emitter.backward_cursor()
+            emitter.triangle(start, n)
         elif choice == _STORE_HIDDEN:
             emitter.restore_to(start)
             emitter.advance(y)
@@ -745,6 +943,30 @@ def _run_work(emitter: _Emitter, tables, work: list, a: int, q: int) -> None:
             work.append(("seg", "Q", start + 1, n - 1, b - a + q))
         else:  # pragma: no cover - the tables hold only the codes above
             raise AssertionError(f"unknown choice {choice}")
+
+
+def _saturated_run(emitter: _Emitter, chunks: "_ChunkTables", work: list, kind: str,
+                   start: int, n: int, b: int, a: int, q: int) -> None:
+    """The steps of a segment beyond the exact chunk tables (``n > nmax``), which the
+    budget runs saturated: what `_run_work` would emit one step at a time from
+    `_ChunkTables.lookup` (store the first step, continue with the rest), as runs.
+
+    hsm: each step's hidden state is stored, and later freed after the rest's backward,
+    followed by the step's own one-step triangle (a restore, an advance, a backward).
+    msm and ism from a start that is kept: each step's internal state is stored, and later
+    runs its backward and is freed. The remaining ``nmax`` steps follow the exact table.
+    """
+    assert n <= _saturated_length(kind, b, a, q, chunks.strategy)
+    count = n - chunks.nmax
+    emitter.restore_to(start)
+    if chunks.strategy == "hsm":
+        emitter.store_run("h", count)
+        work.append(("hidden_run", start, count))
+        work.append(("seg", "D", start + count, n - count, b - count * q))
+    else:
+        emitter.store_run("i", count)
+        work.append(("bwd_run", count))
+        work.append(("seg", "Q", start + count, n - count, b - count * a))
 
 
 # --------------------------------------------------------------------------------------
@@ -778,6 +1000,12 @@ class _ChunkTables:
         if n > _saturated_length(kind, b, self.a, self.q, self.strategy):
             return int(_INF)
         return self.low * n - (self.low - 1)
+
+    def saturated_run(self, kind: str, n: int) -> bool:
+        """Whether `lookup` would store the segment's first step and leave the rest
+        saturated too, step after step down to ``nmax`` (`_saturated_run` emits that run at
+        once). An msm segment from a freeable start frees it first: one step, then a run."""
+        return n > self.nmax and not (kind == "D" and self.strategy == "msm")
 
     def lookup(self, kind: str, n: int, b: int) -> Tuple[int, int]:
         if n <= self.nmax:
@@ -860,20 +1088,26 @@ class _ChainSearch:
             if inc.size and self.width > q:  # columns below q (no start) are never used
                 self.vmax = max(self.vmax, int(inc[:, q:].max()))
         self.V = max(self.vmax, 2) + 2
+        self.counted = {}  # (kind, column, shift) -> (increments, their histogram)
 
     def _column(self, kind: str, b: int, shift: int):
-        """Sorted increments (as a histogram over 0..V-1 and as the sorted table part) of
-        the column ``(kind, b)``, lowered by ``shift``, with the saturated run beyond
-        the table: ``(histogram, table_part, run_value, run_count)``."""
+        """Sorted increments of the column ``(kind, b)``, lowered by ``shift``: the table
+        part as a histogram over 0..V-1 and as sorted values, and the saturated run beyond
+        the table: ``(histogram, table_part, run_value, run_count)``. The histogram leaves
+        the run out (add ``run_count`` at ``run_value``) and is shared: do not modify it."""
         chunks = self.chunks
         col = min(b, self.width - 1)
-        part = self.hist[kind][:, col] - shift
+        key = (kind, col, shift)
+        if key not in self.counted:
+            # Budgets past the table's width share its last column: at long sequences
+            # nearly every chunk does, so each column is counted once.
+            part = self.hist[kind][:, col] - shift
+            self.counted[key] = (np.bincount(part, minlength=self.V)[:self.V]
+                                 .astype(np.int64), part)
+        counts, part = self.counted[key]
         run = max(0, _saturated_length(kind, b, self.a, self.q, self.strategy)
                   - chunks.nmax)
-        value = chunks.low - shift
-        hist = np.bincount(part, minlength=self.V)[:self.V].astype(np.int64)
-        hist[value] += run
-        return hist, part, value, run
+        return counts, part, chunks.low - shift, run
 
     def _chunk_spec(self, j: int):
         b = self.B - (j - 1) * self.size
@@ -902,11 +1136,15 @@ class _ChainSearch:
         best = None
         for k in range(0, k_max + 1):
             if k:
-                chunk_hist += self._column(*self._chunk_spec(k), 0)[0]
+                counts, _, value, run = self._column(*self._chunk_spec(k), 0)
+                chunk_hist += counts
+                chunk_hist[value] += run
             N = self._free(k)
             if N < 0:
                 break
-            hist = chunk_hist + self._column(*self._tail_spec(k), 1)[0]
+            counts, _, value, run = self._column(*self._tail_spec(k), 1)
+            hist = chunk_hist + counts
+            hist[value] += run
             cum = np.cumsum(hist)
             if cum[-1] < N:
                 continue
@@ -951,7 +1189,7 @@ class _ChainSearch:
         return total + chunks.cost(kind, tail, b) - tail
 
 
-def _chain_ops(T: int, B: int, a: int, q: int, strategy: str) -> List[Op]:
+def _chain_ops(T: int, B: int, a: int, q: int, strategy: str) -> np.ndarray:
     """The approximate plan for long sequences (module docstring, "Long sequences")."""
     nmax = _chunk_rows(T, B, a, q, strategy)
     width = _dp_work(nmax, B, a, q, strategy)[1]
@@ -990,21 +1228,21 @@ def _chain_ops(T: int, B: int, a: int, q: int, strategy: str) -> List[Op]:
     assert start + tail == T
     work.append(("seg", kind, start, tail, b))
     _run_work(emitter, chunks, work, a, q)
-    return emitter.ops
+    return emitter.table()
 
 
 # --------------------------------------------------------------------------------------
 # Fixed baselines
 # --------------------------------------------------------------------------------------
-def _full_ops(T: int) -> List[Op]:
+def _full_ops(T: int) -> np.ndarray:
     """Standard BPTT: store every internal state, then run every backward from memory."""
-    emitter = _Emitter()
-    for _ in range(T):
-        emitter.advance(1)
-        emitter.store("i")
-    for step in range(T, 0, -1):
-        emitter.backward_stored_and_free(step)
-    return emitter.ops
+    steps = np.arange(1, T + 1)
+    back = steps[::-1]
+    return _table(
+        _interleave(_rows(OpKind.ADVANCE, steps),
+                    _rows(OpKind.STORE_INTERNAL, steps, steps, 1, steps - 1)),
+        _interleave(_rows(OpKind.BACKWARD_STORED, back, back, 1, back - 1),
+                    _rows(OpKind.FREE, back, back, 1, back - 1)))
 
 
 def _chen_segments(T: int) -> List[Tuple[int, int]]:
@@ -1018,7 +1256,7 @@ def _chen_peak(T: int, alpha: float) -> float:
     return _count(_chen_ops(T), a, q)[1] / q
 
 
-def _chen_ops(T: int) -> List[Op]:
+def _chen_ops(T: int) -> np.ndarray:
     """sqrt(T) segments, as ``tf.recompute_grad`` around each segment behaves: the first
     sweep keeps only each segment's start; each segment is recomputed once, keeping all of
     its internal states, and then run backward."""
@@ -1031,11 +1269,8 @@ def _chen_ops(T: int) -> List[Op]:
     for start, length in reversed(segments):
         emitter.cursor = -1  # the start is always restored: force the op
         emitter.restore_to(start)
-        for _ in range(length):
-            emitter.advance(1)
-            emitter.store("i")
-        for step in range(start + length, start, -1):
-            emitter.backward_stored_and_free(step)
+        emitter.store_run("i", length)
+        emitter.backward_stored_run(length)
         if start > 0:
             emitter.free_top()
-    return emitter.ops
+    return emitter.table()

@@ -14,12 +14,20 @@ Stored states form a stack: every plan the planner emits allocates and frees in 
 so a state's position in memory is fixed by what lies below it (``hidden_below`` and
 ``internal_below`` on each op). The executor uses this to pack all checkpoints into one flat
 buffer whose size is the plan's peak, never more.
+
+The canonical form of the op list is an integer table (`Plan.table`, a read-only ``int32``
+array of shape ``(n, 5)``: kind, step, slot, hidden_below, internal_below), which is what the
+planner writes and the executor reads. Plans of long sequences have millions of ops (T =
+1,000,000 at a 5% budget: 4.9 million), so the `Op` records of `Plan.ops` are made only when
+first asked for, and the counts that `describe` prints are computed from the table with numpy,
+once.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 from typing import NamedTuple, Tuple
 
 import numpy as np
@@ -69,8 +77,33 @@ class Op(NamedTuple):
 
 STRATEGIES = ("msm", "hsm", "ism", "full", "chen")
 
+# `OpKind` by code, for building `Op` records from table rows (a code outside `OpKind` stays
+# a plain int, so that a checker can still report it).
+_KIND_BY_CODE = {int(kind): kind for kind in OpKind}
+_TABLE_COLUMNS = len(Op._fields)
 
-@dataclasses.dataclass(frozen=True, eq=True)
+
+def as_op_table(ops) -> np.ndarray:
+    """The op table of `ops`: a read-only ``int32`` array of shape ``(n, 5)``.
+
+    `ops` is an op table already (returned as is when it is a read-only ``int32`` array of
+    that shape, else copied) or any sequence of `Op` records or 5-integer rows.
+    """
+    if (isinstance(ops, np.ndarray) and ops.dtype == np.int32 and ops.ndim == 2
+            and ops.shape[1] == _TABLE_COLUMNS and not ops.flags.writeable):
+        return ops
+    table = np.array(ops, dtype=np.int32)
+    if table.size == 0:
+        table = table.reshape(0, _TABLE_COLUMNS)
+    if table.ndim != 2 or table.shape[1] != _TABLE_COLUMNS:
+        raise ValueError(
+            f"An op table must have shape (num_ops, {_TABLE_COLUMNS}) (kind, step, slot, "
+            f"hidden_below, internal_below). Received: shape={table.shape}")
+    table.flags.writeable = False
+    return table
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class Plan:
     """An immutable checkpointing schedule with its costs.
 
@@ -82,12 +115,17 @@ class Plan:
         forward_evals: cell evaluations in one training step (first sweep included).
         peak_memory: most memory ever held by stored states, in hidden-state units
             (``h_0`` included); never above `memory_slots`.
-        ops: the schedule, a tuple of `Op`.
+        table: the schedule as an op table (see `op_table`); given as a sequence of `Op`
+            records or rows, it is converted.
         method: ``"exact"`` (optimal in the game) or ``"approximate"`` (see
             `planner.plan`), or ``"fixed"`` for the ``full`` and ``chen`` baselines.
         alpha_units: how the planner represented alpha: ``(a, q)`` means an internal state
             was charged ``a / q`` hidden states (``>= alpha``; equal whenever ``alpha`` is a
             multiple of ``1 / q``).
+
+    Equal plans have equal fields and equal tables. The derived values (`ops`,
+    `num_forward_ops`, `max_hidden_stored`, `max_internal_stored`) are computed on first use
+    and kept.
     """
 
     num_steps: int
@@ -96,14 +134,53 @@ class Plan:
     alpha: float
     forward_evals: int
     peak_memory: float
-    ops: Tuple[Op, ...] = dataclasses.field(repr=False)
+    table: np.ndarray = dataclasses.field(repr=False)
     method: str = "exact"
     alpha_units: Tuple[int, int] = (2, 1)
 
+    def __post_init__(self):
+        object.__setattr__(self, "table", as_op_table(self.table))
+
+    def _fields_key(self):
+        return (self.num_steps, self.memory_slots, self.strategy, self.alpha,
+                self.forward_evals, self.peak_memory, self.method, tuple(self.alpha_units))
+
+    def __eq__(self, other):
+        if self is other:
+            return True
+        if not isinstance(other, Plan):
+            return NotImplemented
+        return (self._fields_key() == other._fields_key()
+                and np.array_equal(self.table, other.table))
+
     def __hash__(self) -> int:
-        # Equal plans have equal keys; hashing the (long) op tuple is not needed.
+        # Equal plans have equal keys; hashing the (long) op table is not needed.
         return hash((self.num_steps, self.memory_slots, self.strategy, self.alpha,
-                     self.forward_evals, self.method, len(self.ops)))
+                     self.forward_evals, self.method, len(self.table)))
+
+    def __getstate__(self):
+        # Only the fields: the derived values (`ops` can be millions of records) are
+        # rebuilt on demand after unpickling.
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+
+    def __setstate__(self, state):
+        for name, value in state.items():
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "table", as_op_table(self.table))  # read-only again
+
+    # -- the op list ----------------------------------------------------------------------
+    def op_table(self) -> np.ndarray:
+        """The ops as an ``int32`` array of shape ``(len(ops), 5)``: kind, step, slot,
+        hidden_below, internal_below. This is what the executor loads into its loop. It is
+        `table` itself, not a copy, and read-only."""
+        return self.table
+
+    @functools.cached_property
+    def ops(self) -> Tuple[Op, ...]:
+        """The schedule as a tuple of `Op` records (made from `table` on first use)."""
+        kinds = _KIND_BY_CODE
+        return tuple(Op(kinds.get(kind, kind), step, slot, hidden, internal)
+                     for kind, step, slot, hidden, internal in self.table.tolist())
 
     # -- derived quantities -------------------------------------------------------------
     @property
@@ -125,32 +202,20 @@ class Plan:
         """`peak_memory` as a fraction of standard BPTT's memory."""
         return self.peak_memory / self.standard_bptt_memory
 
-    @property
+    @functools.cached_property
     def max_hidden_stored(self) -> int:
-        return int(self._stack_extremes()[0])
+        """Most hidden states stored at once (``h_0`` included)."""
+        # Stores push onto the stack and `hidden_below` counts the hidden states under the
+        # new slot, so the count right after a hidden store is hidden_below + 1, and the
+        # count only grows at hidden stores.
+        stores = self.table[self.table[:, 0] == OpKind.STORE_HIDDEN]
+        return int(max(1, stores[:, 3].max(initial=0) + 1))
 
-    @property
+    @functools.cached_property
     def max_internal_stored(self) -> int:
-        return int(self._stack_extremes()[1])
-
-    def _stack_extremes(self):
-        hidden, internal = 1, 0
-        max_hidden, max_internal = 1, 0
-        for op in self.ops:
-            if op.kind == OpKind.STORE_HIDDEN:
-                hidden += 1
-            elif op.kind == OpKind.STORE_INTERNAL:
-                internal += 1
-            elif op.kind == OpKind.FREE:
-                # Only the top of the stack is ever freed: it held a hidden state exactly
-                # when the hidden count below it is one less than the hidden count now.
-                if op.hidden_below == hidden - 1:
-                    hidden -= 1
-                else:
-                    internal -= 1
-            max_hidden = max(max_hidden, hidden)
-            max_internal = max(max_internal, internal)
-        return max_hidden, max_internal
+        """Most internal states stored at once."""
+        stores = self.table[self.table[:, 0] == OpKind.STORE_INTERNAL]
+        return int(stores[:, 4].max(initial=-1) + 1)
 
     def time_ratio(self, beta: float = 2.0) -> float:
         """Predicted time per training step relative to standard BPTT.
@@ -162,27 +227,21 @@ class Plan:
             raise ValueError(f"Argument `beta` must be >= 0. Received: beta={beta!r}")
         return (self.forward_evals + beta * self.num_steps) / ((1.0 + beta) * self.num_steps)
 
-    def op_table(self) -> np.ndarray:
-        """The ops as an ``int32`` array of shape ``(len(ops), 5)``: kind, step, slot,
-        hidden_below, internal_below. This is what the executor loads into its loop."""
-        if not self.ops:
-            return np.zeros((0, 5), np.int32)
-        return np.asarray(self.ops, dtype=np.int32).reshape(len(self.ops), 5)
-
-    @property
+    @functools.cached_property
     def num_forward_ops(self) -> int:
         """Ops of the first sweep: up to the first evaluation of step ``T`` and the stores
         right after it. The executor runs them in the forward pass (which must produce every
         output) and the rest in the gradient. (Not simply "before the first backward op":
         the ``chen`` baseline recomputes its last segment before its first backward.)"""
-        for index, op in enumerate(self.ops):
-            if op.kind == OpKind.ADVANCE and op.step == self.num_steps:
-                index += 1
-                while index < len(self.ops) and self.ops[index].kind in (
-                        OpKind.STORE_HIDDEN, OpKind.STORE_INTERNAL):
-                    index += 1
-                return index
-        raise AssertionError("a plan evaluates its last step")
+        kind = self.table[:, 0]
+        last = np.flatnonzero((kind == OpKind.ADVANCE) & (self.table[:, 1] == self.num_steps))
+        if not last.size:
+            raise AssertionError("a plan evaluates its last step")
+        index = int(last[0]) + 1
+        while index < len(kind) and kind[index] in (OpKind.STORE_HIDDEN,
+                                                    OpKind.STORE_INTERNAL):
+            index += 1
+        return index
 
     def describe(self) -> str:
         """A readable summary of the plan."""

@@ -2,15 +2,18 @@
 
 Two independent checks of a schedule:
 
-* `simulate(plan)` replays ``plan.ops`` on a symbolic chain and raises `ScheduleError` on
+* `simulate(plan)` replays the plan's op table on a symbolic chain and raises `ScheduleError` on
   the first op that breaks the rules of the checkpointing game (see the package README,
   "Conventions"): a state used before it exists, a slot index or stack count that does not
   match the stack, a budget overrun, a backward step out of order, a wrong cost.
-* `numpy_toy_rnn_gradients(plan, ...)` executes ``plan.ops`` literally on a small numpy RNN
+* `numpy_toy_rnn_gradients(plan, ...)` executes the op table literally on a small numpy RNN
   ``h_i = tanh(W h_{i-1} + U x_i)``: checkpoints hold real arrays, and a backward step can
   only use what the schedule kept. Comparing its gradients with plain BPTT
   (`numpy_toy_rnn_reference_gradients`) shows that the schedule computes exactly the
   gradients of standard BPTT, not just that its bookkeeping is self-consistent.
+
+Both read the op table (`Plan.op_table()`) row by row, as transient `Op` records, so that
+checking a plan of millions of ops does not build (and keep) `Plan.ops`.
 
 This module must not import TensorFlow or Keras (a test enforces it).
 """
@@ -66,6 +69,11 @@ def _fail(index: int, op: Op, message: str) -> ScheduleError:
     return ScheduleError(f"op #{index} {op!r}: {message}")
 
 
+def _op_rows(plan: Plan):
+    """The plan's ops as `Op` records made one at a time from its table (kinds as ints)."""
+    return map(Op._make, plan.op_table().tolist())
+
+
 class _Stack(list):
     """The stack of stored states, with a running count of the hidden states below each
     position, so that checking an op's `hidden_below` is O(1) (plans of 10^5 steps)."""
@@ -97,7 +105,7 @@ def _check_stack_position(index: int, op: Op, stack: "_Stack") -> None:
 
 
 def simulate(plan: Plan) -> SimulationResult:
-    """Replay ``plan.ops`` on a symbolic chain and check every rule of the game.
+    """Replay the plan's ops on a symbolic chain and check every rule of the game.
 
     Rules checked (any violation raises `ScheduleError` naming the op and the rule):
 
@@ -145,7 +153,7 @@ def simulate(plan: Plan) -> SimulationResult:
     peak_units = units_hidden
     max_hidden, max_internal = 1, 0
 
-    for index, op in enumerate(plan.ops):
+    for index, op in enumerate(_op_rows(plan)):
         try:
             kind = OpKind(op.kind)
         except ValueError:
@@ -280,7 +288,7 @@ def simulate(plan: Plan) -> SimulationResult:
     return SimulationResult(forward_evals=evaluations, peak_memory=peak_memory,
                             backward_order=tuple(backward_order),
                             max_hidden_stored=max_hidden, max_internal_stored=max_internal,
-                            num_ops=len(plan.ops))
+                            num_ops=len(plan.op_table()))
 
 
 def _abbreviate(steps: List[int], limit: int = 12) -> str:
@@ -361,7 +369,7 @@ def numpy_toy_rnn_reference_gradients(W, U, xs, h0, output_weights,
 
 def numpy_toy_rnn_gradients(plan: Plan, W, U, xs, h0, output_weights,
                             final_state_grad=None) -> ToyGradients:
-    """Gradients of the toy loss computed by following ``plan.ops`` literally.
+    """Gradients of the toy loss computed by following the plan's ops literally.
 
     Same model and loss as `numpy_toy_rnn_reference_gradients`. The executor holds only
     what the schedule says: a cursor (one hidden state), the internal state
@@ -392,7 +400,7 @@ def numpy_toy_rnn_gradients(plan: Plan, W, U, xs, h0, output_weights,
             raise _fail(index, op, f"slot {op.slot} does not hold a state of step {op.step}")
         return slots[op.slot][1]
 
-    for index, op in enumerate(plan.ops):
+    for index, op in enumerate(_op_rows(plan)):
         kind = op.kind
         if kind == OpKind.ADVANCE:
             h_prev = cursor
