@@ -30,7 +30,8 @@ Two rewrites make every backward read its internal state from the store:
 
 Invariants checked while compiling (an `AssertionError` names the op): the first sweep only
 evaluates and stores; after it, every evaluation follows a restore or another evaluation in
-the same segment and precedes the segment's backwards; a backward reads its own step's
+the same segment and precedes the segment's backwards; every segment after the first
+evaluates at least one step and runs at least one backward; a backward reads its own step's
 internal state; every freed state was read after it was stored.
 """
 
@@ -226,6 +227,8 @@ def compile_plan(plan: Plan) -> Segments:
         has_advances = segments[1:, 6] > segments[1:, 5]
         if not np.all(has_advances):
             raise AssertionError("every restore is followed by evaluations")
+        if not np.all(segments[1:, 8] > segments[1:, 7]):
+            raise AssertionError("every segment after the first runs a backward")
 
     # --- frees at the last read ------------------------------------------------------------
     free_rows = rest[rest_kind == OpKind.FREE]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Callable, List, Optional
 
+import numpy as np
 import tensorflow as tf
 
 from tf_membptt.executor import store as st
@@ -165,6 +166,17 @@ def _with_custom_gradient(diff: _Differentiable, inputs: sweeps.StepInputs, carr
     return out[0], None, final_carry
 
 
+def in_flight(program: StepProgram, plan) -> int:
+    """Backward steps that may run at once for this plan (`sweeps.in_flight_backwards`):
+    the params' gradients against the plan's stored states, in bytes (per batch row when
+    the batch size is not static: then fewer steps run at once)."""
+    sig = program.signature
+    param_bytes = sum(float(np.prod(s.shape.as_list())) * s.dtype.size
+                      for s, d in zip(sig.param_specs, sig.param_differentiable) if d)
+    stored_bytes = plan.peak_memory * program.hidden_bytes(sig.batch_size)
+    return sweeps.in_flight_backwards(param_bytes, stored_bytes)
+
+
 def _recomputed_gradients(program, plan, step_inputs, carry, d_result, d_final_carry,
                           return_sequences, need_dx):
     """The plan's gradient from the step's inputs alone: the first sweep again, with the
@@ -175,7 +187,7 @@ def _recomputed_gradients(program, plan, step_inputs, carry, d_result, d_final_c
     return sweeps.backward_sweep(
         program, store, store.locations, segments_, step_inputs, state, final_carry,
         d_final_carry, d_result if return_sequences else None,
-        None if return_sequences else d_result, need_dx)
+        None if return_sequences else d_result, need_dx, in_flight(program, plan))
 
 
 def run_planned(program: StepProgram, plan, inputs: sweeps.StepInputs, carry0,
@@ -209,7 +221,7 @@ def run_planned(program: StepProgram, plan, inputs: sweeps.StepInputs, carry0,
             return sweeps.backward_sweep(
                 program, store, store.locations, segments_, step_inputs, state, final_carry,
                 d_final_carry, d_result if return_sequences else None,
-                None if return_sequences else d_result, need_dx)
+                None if return_sequences else d_result, need_dx, in_flight(program, plan))
 
     def gradient(saved, step_inputs, carry, final_carry, d_result, d_final_carry):
         if _in_save_context():
@@ -338,7 +350,7 @@ def _eager_sweeps(program, plan, store, segments_, return_sequences, need_dx, in
             program, store, locations, segments_, step_inputs(xs, masks, params, constants),
             store.from_flows(flows), list(final_carry), list(d_final_carry),
             d_outputs if return_sequences else None,
-            None if return_sequences else d_last, need_dx)
+            None if return_sequences else d_last, need_dx, in_flight(program, plan))
         return (dxs if need_dx else tf.zeros([0])), d_carry0, d_params
 
     def forward_call(*args):

@@ -146,6 +146,7 @@ class _Classified(NamedTuple):
     invariants: List[tf.Tensor]
     shape_feeds: List[tuple]  # (tensor, op type, static shape, dtype)
     depends_on_carry: Callable
+    depends_on_inputs: Callable
 
 
 class _Layout(NamedTuple):
@@ -274,7 +275,8 @@ class StepProgram:
                 invariants.append(tensor)
             # Otherwise a function of x_i and the mask bit (and params, constants): the
             # backward recomputes it from those, so it is never stored.
-        return _Classified(per_step, invariants, shape_feeds, depends_on_carry)
+        return _Classified(per_step, invariants, shape_feeds, depends_on_carry,
+                           depends_on_inputs)
 
     # -- 3. layout ---------------------------------------------------------------------
     def _choose_layout(self, r: _Traced, c: _Classified) -> _Layout:
@@ -282,12 +284,23 @@ class StepProgram:
         residuals = r.new_carry + [t for t in c.per_step if id(t) not in new_carry_ids]
         order = {id(op): n for n, op in enumerate(r.forward_ops)}
         carry_ids = {id(t) for t in r.carry}
-        frontier = _cheap_frontier(c.per_step + r.new_carry, carry_ids, c.depends_on_carry)
-        frontier.sort(key=lambda t: (order.get(id(t.op), -1), t.value_index))
         batch = self.signature.batch_size
-        compact = (bool(frontier) and all(_storable(t, batch) for t in frontier)
-                   and _row_bytes(frontier, batch) < _row_bytes(residuals, batch))
-        internal = frontier if compact else residuals
+        targets = c.per_step + r.new_carry
+        # Two compact frontiers: walking back as far as cheap ops go, or stopping where
+        # going further would make the backward recompute an expensive function of the
+        # input (an LSTM's `x @ W + h @ U`: storing the sum costs what storing `h @ U` does
+        # and saves the backward a matrix product per step). The smaller wins; on a tie,
+        # the one that recomputes less.
+        recomputes_input = _expensive_input_work(c.depends_on_carry, c.depends_on_inputs)
+        candidates = []
+        for stop in (recomputes_input, None):
+            frontier = _cheap_frontier(targets, carry_ids, c.depends_on_carry, stop)
+            frontier.sort(key=lambda t: (order.get(id(t.op), -1), t.value_index))
+            if frontier and all(_storable(t, batch) for t in frontier):
+                candidates.append((_row_bytes(frontier, batch), stop is None, frontier))
+        candidates.sort(key=lambda entry: entry[:2])
+        compact = bool(candidates) and candidates[0][0] < _row_bytes(residuals, batch)
+        internal = candidates[0][2] if compact else residuals
         for tensor in internal:
             if not _storable(tensor, batch):
                 raise NotImplementedError(_unstorable_message(tensor, batch))
@@ -519,11 +532,12 @@ def _depends_on(source_ids):
     return depends
 
 
-def _cheap_frontier(targets, carry_ids, depends):
+def _cheap_frontier(targets, carry_ids, depends, stop=None):
     """The tensors the carry-dependent `targets` are computed from by cheap ops alone: walk
     back from each target through `_CHEAP_OPS`, stopping at a carry input or the output of
-    an expensive op. Tensors that do not depend on the carry are recomputed from the step's
-    inputs and params, so the walk ignores them (as the residuals layout does)."""
+    an expensive op (and, with `stop`, at a cheap op for which ``stop(op)`` holds).
+    Tensors that do not depend on the carry are recomputed from the step's inputs and
+    params, so the walk ignores them (as the residuals layout does)."""
     frontier, seen, pending = [], set(), list(targets)
     while pending:
         tensor = pending.pop()
@@ -532,11 +546,28 @@ def _cheap_frontier(targets, carry_ids, depends):
         seen.add(id(tensor))
         # An op with control inputs is never recomputed: recomputing it would rerun them.
         if (id(tensor) in carry_ids or tensor.op.type not in _CHEAP_OPS
-                or tensor.op.control_inputs):
+                or tensor.op.control_inputs or (stop is not None and stop(tensor.op))):
             frontier.append(tensor)
         else:
             pending.extend(tensor.op.inputs)
     return frontier
+
+
+def _expensive_input_work(depends_on_carry, depends_on_inputs):
+    """``stop(op)``: whether one of `op`'s inputs is an expensive function of the step's
+    input alone (not of the carry), which the backward would recompute at every step."""
+    memo = {}
+
+    def expensive(tensor):
+        key = id(tensor)
+        if key not in memo:
+            memo[key] = False
+            if depends_on_inputs(tensor) and not depends_on_carry(tensor):
+                memo[key] = (tensor.op.type not in _CHEAP_OPS
+                             or any(expensive(t) for t in tensor.op.inputs))
+        return memo[key]
+
+    return lambda op: any(expensive(t) for t in op.inputs)
 
 
 def _shape_value(op_type, dims, dtype, batch):

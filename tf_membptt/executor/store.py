@@ -152,6 +152,37 @@ class ListStore:
         until the gradient runs."""
         return self.free_hidden(self.free_internal(state, self.scratch), self.scratch)
 
+    def writes(self, first_sweep=False, later=False, frees_hidden=False,
+               frees_internal=False):
+        """(hidden, internal): which parts a loop that does these moves changes."""
+        kinds = (self._first_kinds if first_sweep else set()) | (
+            self._later_kinds if later else set())
+        return (seg.HIDDEN in kinds or frees_hidden,
+                bool(kinds & {seg.INTERNAL, seg.WORKING}) or frees_internal)
+
+    def split(self, state, changed):
+        """``(varying, join)``: the parts of `state` a loop changes (its loop variables; the
+        rest stays outside the loop) and how to rebuild the whole from new values. Fewer
+        loop variables, fewer nodes per iteration for TensorFlow's executor."""
+        parts = list(state)
+        keep = [k for k, c in enumerate(changed) if c]
+
+        def join(varying):
+            whole = list(parts)
+            for k, value in zip(keep, varying):
+                whole[k] = value
+            return tuple(whole)
+
+        return [parts[k] for k in keep], join
+
+    def read_internal_and_free(self, state, at):
+        """The internal state at `at`, and the store without it. The free waits for the
+        read: then it is the list's last user and updates it in place (a write while a read
+        still holds the list copies all T + 2 entries)."""
+        values = self.read_internal(state, at)
+        with tf.control_dependencies(values):
+            return values, self.free_internal(state, at)
+
     def read_hidden(self, state, at) -> List[tf.Tensor]:
         return [_read(ta, at, s) for ta, s in zip(state[0], self.hidden_specs)]
 
@@ -370,6 +401,22 @@ class StackStore:
 
     def finish_first_sweep(self, state):
         return state
+
+    def writes(self, first_sweep=False, later=False, frees_hidden=False,
+               frees_internal=False):
+        """Per buffer: whether a loop that does these moves writes it (frees write
+        nothing: the stack's next push overwrites)."""
+        kinds = (self._first_kinds if first_sweep else set()) | (
+            self._later_kinds if later else set())
+        hidden = seg.HIDDEN in kinds
+        internal = bool(kinds & {seg.INTERNAL, seg.WORKING})
+        return tuple((hidden and bool(g.hidden)) or (internal and bool(g.internal))
+                     for g in self.groups)
+
+    split = ListStore.split
+
+    def read_internal_and_free(self, state, at):
+        return self.read_internal(state, at), state
 
     def restore(self, state, kind, at, restart, kinds):
         """As `ListStore.restore`; both reads happen before any choice (a buffer that
