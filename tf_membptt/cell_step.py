@@ -112,14 +112,17 @@ class Discovery:
     read: list  # variables read and never assigned: the step's params
     assigned: list  # variables assigned: carry parts
     captured: list  # tensors captured from outside the step (e.g. dropout masks)
-    output_spec: tf.TensorSpec  # one step's output
+    cell_output_spec: tf.TensorSpec  # one step's output of the cell
+    output_spec: tf.TensorSpec  # ... and of the head (the cell's without one)
 
 
 class CellStep:
-    """``step(x, mask, carry, params) -> (output, new_carry)`` for a Keras cell.
+    """``step(x, sides, carry, params) -> (output, new_carry)`` for a Keras cell.
 
-    The carry is ``[state parts..., previous output (when a mask keeps it)..., assigned
-    variables' values...]``; `params` are the read variables' values.
+    The side inputs are ``[mask bits (with a mask)..., targets (with a loss)...]``. The
+    carry is ``[state parts..., previous output (when a mask keeps it)..., loss sum and
+    count (with a loss)..., assigned variables' values...]``; `params` are the values of
+    the variables the cell (and the head, and the loss) read.
 
     Args:
         cell: the Keras cell.
@@ -129,19 +132,40 @@ class CellStep:
         carries_output: whether the previous output is part of the carry (a mask that
             repeats the last output at masked steps).
         zero_output_for_mask: masked steps output zeros.
+        head: a Keras layer applied to each step's output, or None.
+        loss: with targets, ``loss(targets_t, output_t)`` per sample (unreduced), summed
+            over the unmasked steps in the carry; or None.
     """
 
     def __init__(self, cell, state_structure, training, has_mask, carries_output,
-                 zero_output_for_mask):
+                 zero_output_for_mask, head=None, loss=None):
         self.cell = cell
         self.state_structure = state_structure
         self.num_states = len(tf.nest.flatten(state_structure))
         self.cell_kwargs = {"training": training} if call_has_training_arg(cell) else {}
+        self.head = head
+        self.head_kwargs = ({"training": training}
+                            if head is not None and call_has_training_arg(head) else {})
+        self.loss = loss
         self.has_mask = has_mask
         self.carries_output = carries_output
         self.zero_output_for_mask = zero_output_for_mask
         self.read: list = []
         self.assigned: list = []
+
+    @property
+    def num_loss_parts(self) -> int:
+        return 2 if self.loss is not None else 0
+
+    @property
+    def variables_offset(self) -> int:
+        """Where the assigned variables' values start in the carry."""
+        return self.num_states + (1 if self.carries_output else 0) + self.num_loss_parts
+
+    def _head(self, cell_output):
+        if self.head is None:
+            return cell_output
+        return self.head(cell_output, **self.head_kwargs)
 
     # -- discovery -----------------------------------------------------------------------
     def discover(self, input_spec, state_specs) -> Discovery:
@@ -152,9 +176,10 @@ class CellStep:
         def trace(x, *states):
             states = tf.nest.pack_sequence_as(self.state_structure, list(states))
             with _RecordingScope([], discover=True) as scope:
-                output, _ = self.cell(x, states, **self.cell_kwargs)
+                cell_output, _ = self.cell(x, states, **self.cell_kwargs)
+                output = self._head(cell_output)
             record["scope"] = scope
-            record["output"] = tf.TensorSpec(output.shape, output.dtype)
+            record["specs"] = [tf.TensorSpec(t.shape, t.dtype) for t in (cell_output, output)]
             return []
 
         wrapped = tf.compat.v1.wrap_function(trace, [input_spec] + list(state_specs))
@@ -165,8 +190,9 @@ class CellStep:
                 "during a MemoryEfficientRNN training step (recomputation), and "
                 "`keras.layers.RNN` itself cannot collect a loss from inside its loop in a "
                 "compiled function. Compute the loss from the layer's outputs or states "
-                "instead (e.g. `return_sequences=True` and a loss on the output), or use "
-                "keras.layers.RNN with eager execution.")
+                "instead (e.g. `return_sequences=True` and a loss on the output, or the "
+                "layer's `loss=` and `targets=`), or use keras.layers.RNN with eager "
+                "execution.")
         assigned = list(scope.assigned)
         read = [v for v in scope.variables if not any(v is a for a in assigned)]
         for variable in assigned:
@@ -181,34 +207,48 @@ class CellStep:
         captured = [external for external, _ in wrapped.graph.captures
                     if external.dtype != tf.resource]
         self.read, self.assigned = read, assigned
-        return Discovery(read, assigned, captured, record["output"])
+        return Discovery(read, assigned, captured, *record["specs"])
 
     # -- the step ------------------------------------------------------------------------
-    def __call__(self, x, mask, carry, params):
+    def __call__(self, x, sides, carry, params):
         num_states = self.num_states
+        mask = sides[0] if self.has_mask else None
         states = tf.nest.pack_sequence_as(self.state_structure, list(carry[:num_states]))
-        offset = num_states + (1 if self.carries_output else 0)
+        offset = self.variables_offset
         variable_values = list(carry[offset:])
         values = list(zip(self.read, params)) + list(zip(self.assigned, variable_values))
         with _RecordingScope(values) as scope:
-            output, new_states = self.cell(x, states, **self.cell_kwargs)
+            cell_output, new_states = self.cell(x, states, **self.cell_kwargs)
+            new_flat = tf.nest.flatten(new_states)
+            if len(new_flat) != num_states:
+                raise ValueError(
+                    f"The cell returned {len(new_flat)} state tensors; its `state_size` and "
+                    f"initial state have {num_states}.")
+            if self.has_mask:
+                # As keras.layers.RNN: masked steps keep the previous states and repeat
+                # the previous output (or output zeros), before any head. Variable updates
+                # are not masked: the cell runs at masked steps too.
+                new_flat = [tf.where(_expand(mask, n), n, tf.cast(s, n.dtype))
+                            for n, s in zip(new_flat, carry[:num_states])]
+                previous = (carry[num_states] if self.carries_output
+                            else tf.zeros_like(cell_output))
+                cell_output = tf.where(_expand(mask, cell_output), cell_output, previous)
+            output = self._head(cell_output)
+            loss_parts = []
+            if self.loss is not None:
+                # This step's loss per sample, in float32, summed over the unmasked steps.
+                step_loss = tf.cast(tf.reshape(self.loss(sides[-1], output), [-1, 1]),
+                                    tf.float32)
+                loss_sum, count = carry[offset - 2:offset]
+                loss_parts = [loss_sum + step_loss, count + 1]
+                if self.has_mask:
+                    loss_parts = [tf.where(_expand(mask, n), n, s)
+                                  for n, s in zip(loss_parts, (loss_sum, count))]
+                output = step_loss
         new_variables = [_current(scope, v, old) for v, old in
                          zip(self.assigned, variable_values)]
-        new_flat = tf.nest.flatten(new_states)
-        if len(new_flat) != num_states:
-            raise ValueError(
-                f"The cell returned {len(new_flat)} state tensors; its `state_size` and "
-                f"initial state have {num_states}.")
-        if self.has_mask:
-            # As keras.layers.RNN: masked steps keep the previous states and repeat the
-            # previous output (or output zeros). Variable updates are not masked: the
-            # cell runs at masked steps too.
-            new_flat = [tf.where(_expand(mask, n), n, tf.cast(s, n.dtype))
-                        for n, s in zip(new_flat, carry[:num_states])]
-            previous = (tf.zeros_like(output) if not self.carries_output
-                        else carry[num_states])
-            output = tf.where(_expand(mask, output), output, previous)
-        new_carry = list(new_flat) + ([output] if self.carries_output else []) + new_variables
+        new_carry = (list(new_flat) + ([cell_output] if self.carries_output else [])
+                     + loss_parts + new_variables)
         return output, new_carry
 
 
@@ -222,19 +262,23 @@ def _expand(mask_t, like):
     return tf.reshape(mask_t, [-1] + [1] * (len(like.shape) - 1))
 
 
-def signature_for(input_spec, has_mask, state_specs, output_spec, carries_output,
-                  assigned_specs, param_specs, batch_size) -> StepSignature:
-    """The executor's view of a `CellStep`'s arguments."""
-    carry_specs = list(state_specs) + ([output_spec] if carries_output else []) + list(
-        assigned_specs)
-    num_batched = len(state_specs) + (1 if carries_output else 0)
+def signature_for(input_spec, side_specs, state_specs, cell_output_spec, carries_output,
+                  loss_specs, assigned_specs, param_specs, batch_size) -> StepSignature:
+    """The executor's view of a `CellStep`'s arguments (`loss_specs`: the loss sum and
+    count with a loss, else empty)."""
+    output_spec = cell_output_spec
+    carry_specs = (list(state_specs) + ([output_spec] if carries_output else [])
+                   + list(loss_specs) + list(assigned_specs))
+    num_batched = len(state_specs) + (1 if carries_output else 0) + len(loss_specs)
     batched = [True] * num_batched + [False] * len(assigned_specs)
-    # The previous output carried through masked steps gets gradients like a state; the
-    # values of assigned variables do not (an assignment is not differentiable).
-    differentiable = [s.dtype.is_floating for s in state_specs] + (
-        [output_spec.dtype.is_floating] if carries_output else []) + [False] * len(
-        assigned_specs)
-    return StepSignature(input_spec=input_spec, has_mask=has_mask,
+    # The previous output carried through masked steps and the loss sum get gradients
+    # like a state; the values of assigned variables do not (an assignment is not
+    # differentiable), nor does the count of steps.
+    differentiable = ([s.dtype.is_floating for s in state_specs]
+                      + ([output_spec.dtype.is_floating] if carries_output else [])
+                      + [s.dtype.is_floating for s in loss_specs]
+                      + [False] * len(assigned_specs))
+    return StepSignature(input_spec=input_spec, side_specs=tuple(side_specs),
                          carry_specs=tuple(carry_specs), carry_batched=tuple(batched),
                          carry_differentiable=tuple(differentiable),
                          param_specs=tuple(param_specs), batch_size=batch_size)

@@ -68,26 +68,27 @@ def watched(tensors) -> bool:
 def run_plain(step_fn: Callable, inputs: sweeps.StepInputs, carry0, output_spec,
               return_sequences: bool):
     """A forward loop that stores nothing: ``(last_output, outputs, final_carry)``,
-    `outputs` time-major in processing order (or None). The number of steps may be
+    `outputs` batch-major in processing order (or None). The number of steps may be
     dynamic."""
     num_steps = inputs.xs.shape[1]
     dynamic_steps = tf.shape(inputs.xs)[1] if num_steps is None else num_steps
-    outputs = tf.TensorArray(output_spec.dtype, size=dynamic_steps if return_sequences else 0,
-                             element_shape=output_spec.shape)
+    sequence = sweeps.OutputSequence(output_spec, inputs.batch, dynamic_steps,
+                                     in_xla_context())
+    outputs = sequence.empty() if return_sequences else tf.zeros([0])
     last_output = tf.zeros(tf.concat([[inputs.batch], output_spec.shape[1:]], 0),
                            output_spec.dtype)
 
     def body(t, outputs, last_output, *carry):
-        x, mask = inputs.at(t)
-        output, new_carry = step_fn(x, mask, list(carry), inputs.params)
+        x, sides = inputs.at(t)
+        output, new_carry = step_fn(x, sides, list(carry), inputs.params)
         if return_sequences:
-            outputs = outputs.write(t, output)
+            outputs = sequence.write(outputs, t, output)
         return (t + 1, outputs, output) + tuple(new_carry)
 
     result = tf.while_loop(lambda t, *_: t < dynamic_steps, body,
                            (tf.constant(0), outputs, last_output) + tuple(carry0),
                            maximum_iterations=num_steps)
-    outputs = result[1].stack() if return_sequences else None
+    outputs = sequence.finish(result[1]) if return_sequences else None
     return result[2], outputs, list(result[3:])
 
 
@@ -140,9 +141,16 @@ def _with_custom_gradient(diff: _Differentiable, inputs: sweeps.StepInputs, carr
 
     @tf.custom_gradient
     def call(*sources):
-        xs, carry, params = diff.unpack(sources, inputs.xs, carry0, inputs.params)
-        step_inputs = sweeps.StepInputs(xs, inputs.masks, params, inputs.constants,
-                                        inputs.go_backwards, inputs.batch)
+        # Everything else enters through tf.stop_gradient too: an eager tape would otherwise
+        # record the sweeps (a non-differentiable carry part, e.g. a counter's value, may
+        # have been computed from watched weights).
+        xs, carry, params = diff.unpack(
+            sources, inputs.xs, [tf.stop_gradient(c) for c in carry0],
+            [tf.stop_gradient(p) for p in inputs.params])
+        step_inputs = sweeps.StepInputs(
+            xs, [tf.stop_gradient(s) for s in inputs.sides], params,
+            [tf.stop_gradient(c) for c in inputs.constants], inputs.go_backwards,
+            inputs.batch)
         last_output, outputs, final_carry, saved = forward(step_inputs, carry)
         side["final_carry"] = final_carry
 
@@ -162,7 +170,7 @@ def _with_custom_gradient(diff: _Differentiable, inputs: sweeps.StepInputs, carr
     for k, value in zip(diff.carry, out[1:]):
         final_carry[k] = value
     if return_sequences:
-        return out[0][-1], out[0], final_carry
+        return out[0][:, -1], out[0], final_carry
     return out[0], None, final_carry
 
 
@@ -203,12 +211,12 @@ def run_planned(program: StepProgram, plan, inputs: sweeps.StepInputs, carry0,
                                                     return_sequences, need_dx, inputs)
 
         def forward(step_inputs, carry):
-            return forward_call(step_inputs.xs, _or_empty(step_inputs.masks), carry,
+            return forward_call(step_inputs.xs, step_inputs.sides, carry,
                                 step_inputs.params, step_inputs.constants)
 
         def backward(flows, step_inputs, final_carry, d_result, d_final_carry):
             return backward_call(
-                step_inputs.xs, _or_empty(step_inputs.masks), step_inputs.params,
+                step_inputs.xs, step_inputs.sides, step_inputs.params,
                 step_inputs.constants, flows, final_carry, d_final_carry,
                 d_result if return_sequences else tf.zeros([0]),
                 tf.zeros([0]) if return_sequences else d_result)
@@ -324,30 +332,29 @@ def _eager_sweeps(program, plan, store, segments_, return_sequences, need_dx, in
     from one to the other as plain tensors (`store.flows`)."""
     cache = program.__dict__.setdefault("_eager_sweeps", {})
     key = (plan, type(store), return_sequences, need_dx, inputs.go_backwards,
-           inputs.masks is None)
+           len(inputs.sides))
     if key in cache:
         return cache[key]
     locations = store.locations
-    has_mask = inputs.masks is not None
     go_backwards = inputs.go_backwards
 
-    def step_inputs(xs, masks, params, constants):
-        return sweeps.StepInputs(xs, masks if has_mask else None, list(params),
+    def step_inputs(xs, sides, params, constants):
+        return sweeps.StepInputs(xs, list(sides), list(params),
                                  list(constants), go_backwards, tf.shape(xs)[0])
 
     @tf.function(autograph=False)
-    def forward(xs, masks, carry0, params, constants):
+    def forward(xs, sides, carry0, params, constants):
         last_output, outputs, final_carry, state = sweeps.forward_sweep(
-            program, store, locations, step_inputs(xs, masks, params, constants),
+            program, store, locations, step_inputs(xs, sides, params, constants),
             list(carry0), return_sequences, plan.num_steps)
         return (last_output, outputs if return_sequences else tf.zeros([0]), final_carry,
                 store.flows(state))
 
     @tf.function(autograph=False)
-    def backward(xs, masks, params, constants, flows, final_carry, d_final_carry,
+    def backward(xs, sides, params, constants, flows, final_carry, d_final_carry,
                  d_outputs, d_last):
         dxs, d_carry0, d_params = sweeps.backward_sweep(
-            program, store, locations, segments_, step_inputs(xs, masks, params, constants),
+            program, store, locations, segments_, step_inputs(xs, sides, params, constants),
             store.from_flows(flows), list(final_carry), list(d_final_carry),
             d_outputs if return_sequences else None,
             None if return_sequences else d_last, need_dx, in_flight(program, plan))

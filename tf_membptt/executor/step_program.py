@@ -1,6 +1,6 @@
 """What one step's backward needs, found from TensorFlow's own gradient graph.
 
-`StepProgram` turns a step function ``step_fn(x, mask, carry, params) -> (output,
+`StepProgram` turns a step function ``step_fn(x, sides, carry, params) -> (output,
 new_carry)`` into the functions the sweeps call, in four named stages:
 
 1. `_trace`: trace the step once in a `tf.compat.v1.wrap_function` graph and build its
@@ -97,7 +97,8 @@ class StepSignature:
 
     Attributes:
         input_spec: one step's input, batch dimension first.
-        has_mask: whether the step takes a ``[batch]`` bool mask (else ``mask`` is None).
+        side_specs: one step's side inputs (e.g. its mask bits, or the targets of a loss
+            computed inside the step): batch first, never differentiated.
         carry_specs: the carry's parts (batch first where `carry_batched`).
         carry_batched: which carry parts have the batch dimension.
         carry_differentiable: which carry parts get gradients (floating batched states;
@@ -107,7 +108,7 @@ class StepSignature:
     """
 
     input_spec: tf.TensorSpec
-    has_mask: bool
+    side_specs: Tuple[tf.TensorSpec, ...]
     carry_specs: Tuple[tf.TensorSpec, ...]
     carry_batched: Tuple[bool, ...]
     carry_differentiable: Tuple[bool, ...]
@@ -128,7 +129,7 @@ class _Traced(NamedTuple):
 
     wrapped: object  # the WrappedFunction
     x: tf.Tensor
-    mask: Optional[tf.Tensor]
+    sides: List[tf.Tensor]
     carry: List[tf.Tensor]
     params: List[tf.Tensor]
     constants: List[tf.Tensor]  # internal placeholders of captured tensors
@@ -158,8 +159,8 @@ class StepProgram:
     """The forward, backward, invariant and restart functions of one step.
 
     Args:
-        step_fn: ``step_fn(x, mask, carry, params) -> (output, new_carry)`` on tensors
-            (`mask` is None when the signature has none; `carry` a flat list).
+        step_fn: ``step_fn(x, sides, carry, params) -> (output, new_carry)`` on tensors
+            (`sides`, `carry` and `params` flat lists).
         signature: a `StepSignature`.
 
     Raises:
@@ -185,10 +186,10 @@ class StepProgram:
         def traced(*args):
             args = list(args)
             x = args.pop(0)
-            mask = args.pop(0) if sig.has_mask else None
+            sides = [args.pop(0) for _ in sig.side_specs]
             carry, params = args[:num_carry], args[num_carry:num_carry + num_params]
             graph = tf.compat.v1.get_default_graph()
-            output, new_carry = step_fn(x, mask, list(carry), list(params))
+            output, new_carry = step_fn(x, list(sides), list(carry), list(params))
             new_carry = list(new_carry)
             _check_new_carry(new_carry, sig)
             num_forward_ops = len(graph.get_operations())
@@ -208,15 +209,14 @@ class StepProgram:
             if not sig.input_differentiable:
                 grads = [tf.zeros([0], tf.float32)] + list(grads[1:])
             ops = graph.get_operations()
-            record.update(x=x, mask=mask, carry=list(carry), params=list(params),
+            record.update(x=x, sides=sides, carry=list(carry), params=list(params),
                           output=output, new_carry=new_carry, d_output=d_output,
                           d_carry=d_carry, grads=list(grads),
                           forward_ops=ops[:num_forward_ops], backward_ops=ops[num_forward_ops:])
             return [output] + new_carry + list(grads)
 
-        specs = ([sig.input_spec]
-                 + ([tf.TensorSpec([sig.input_spec.shape[0]], tf.bool)] if sig.has_mask else [])
-                 + list(sig.carry_specs) + list(sig.param_specs))
+        specs = ([sig.input_spec] + list(sig.side_specs) + list(sig.carry_specs)
+                 + list(sig.param_specs))
         with _plain_cond_intermediates():
             wrapped = tf.compat.v1.wrap_function(traced, specs)
         _check_forward_ops(record["forward_ops"])
@@ -233,7 +233,7 @@ class StepProgram:
     def _classify(self, r: _Traced) -> _Classified:
         forward_ops = set(r.forward_ops)
         carry_ids = {id(c) for c in r.carry}
-        step_inputs = {id(r.x)} | ({id(r.mask)} if r.mask is not None else set())
+        step_inputs = {id(r.x)} | {id(t) for t in r.sides}
         candidates, shape_reads = [], []
         for op in r.backward_ops:
             for tensor in op.inputs:
@@ -273,7 +273,7 @@ class StepProgram:
                 per_step.append(tensor)
             elif not depends_on_inputs(tensor):
                 invariants.append(tensor)
-            # Otherwise a function of x_i and the mask bit (and params, constants): the
+            # Otherwise a function of x_i and the side inputs (and params, constants): the
             # backward recomputes it from those, so it is never stored.
         return _Classified(per_step, invariants, shape_feeds, depends_on_carry,
                            depends_on_inputs)
@@ -318,16 +318,15 @@ class StepProgram:
         self.internal_bytes_per_row = _row_bytes(layout.internal, batch, unbatched=False)
         self.hidden_unbatched_bytes = _unbatched_bytes(r.new_carry, batch)
         self.internal_unbatched_bytes = _unbatched_bytes(layout.internal, batch)
-        mask = [r.mask] if r.mask is not None else []
         # The constants stay captured inputs of every pruned function (`prune` keeps all of
         # the trace's captures, in order); `_call` feeds them.
-        step_feeds = [r.x] + mask + r.params
+        step_feeds = [r.x] + r.sides + r.params
         # Internal components that are the step's own carry inputs are taken as they came
         # in, not passed through the forward function.
         carry_position = {id(t): k for k, t in enumerate(r.carry)}
         self._internal_source = [carry_position.get(id(t), -1) for t in layout.internal]
         computed = [t for t in layout.internal if id(t) not in carry_position]
-        self._forward = r.wrapped.prune(step_feeds[:1 + len(mask)] + r.carry + r.params,
+        self._forward = r.wrapped.prune([r.x] + r.sides + r.carry + r.params,
                                         [r.output] + r.new_carry + computed)
         # Invariants with a value known now (constants, static shapes) are passed as
         # constants: computed through a function of the params, XLA would treat the params
@@ -374,11 +373,10 @@ class StepProgram:
         return [next(dynamic) if value is None else tf.constant(value)
                 for value in self._static_invariants]
 
-    def forward(self, x, mask, carry, params, constants):
+    def forward(self, x, sides, carry, params, constants):
         """One step: ``(output, new_carry, internal)``; `internal` lists the components of
         the step's internal state (by reference: nothing is copied)."""
-        mask_args = [mask] if self.signature.has_mask else []
-        out = _call(self._forward, [x] + mask_args + list(carry) + list(params), constants)
+        out = _call(self._forward, [x] + list(sides) + list(carry) + list(params), constants)
         num_carry = len(self.signature.carry_specs)
         output = _with_shape(out[0], self.output_spec.shape)
         new_carry = [_with_shape(t, s.shape)
@@ -388,15 +386,14 @@ class StepProgram:
         internal = [_with_shape(t, s.shape) for t, s in zip(internal, self.internal_specs)]
         return output, new_carry, internal
 
-    def backward(self, internal, x, mask, params, constants, invariants, d_output, d_carry,
+    def backward(self, internal, x, sides, params, constants, invariants, d_output, d_carry,
                  batch, need_dx):
         """Gradients of one step from its internal state: ``(dx, d_carry_prev, d_params)``,
         `d_carry` and `d_carry_prev` over the differentiable carry parts, `d_params` over
         the floating params; dx is None unless `need_dx`."""
         shape_values = [_shape_value(op_type, dims, dtype, batch)
                         for op_type, dims, dtype in self._shape_feeds]
-        mask_args = [mask] if self.signature.has_mask else []
-        feeds = (list(internal) + shape_values + list(invariants) + [x] + mask_args
+        feeds = (list(internal) + shape_values + list(invariants) + [x] + list(sides)
                  + list(params) + [d_output] + list(d_carry))
         unique = _gather_unique(feeds, self._backward_unique_index)
         grads = list(_call(self._backward[need_dx], unique, constants))
@@ -411,13 +408,12 @@ class StepProgram:
                                self.signature.param_differentiable) if d])]
         return dx, d_prev, d_params
 
-    def carry_of_internal(self, internal, x, mask, params, constants) -> List[tf.Tensor]:
-        """``h_i`` from an internal state ``I_i`` (x and mask are step i's)."""
+    def carry_of_internal(self, internal, x, sides, params, constants) -> List[tf.Tensor]:
+        """``h_i`` from an internal state ``I_i`` (x and sides are step i's)."""
         num_carry = len(self.signature.carry_specs)
         if not self.compact:
             return list(internal[:num_carry])
-        mask_args = [mask] if self.signature.has_mask else []
-        feeds = list(internal) + [x] + mask_args + list(params)
+        feeds = list(internal) + [x] + list(sides) + list(params)
         out = _call(self._restart, _gather_unique(feeds, self._restart_index), constants)
         return [_with_shape(t, s.shape) for t, s in zip(out, self.signature.carry_specs)]
 

@@ -70,6 +70,8 @@ def _kinds(segments_: seg.Segments):
 class ListStore:
     """Stored states as TensorArrays indexed by step (graph and eager mode)."""
 
+    xla = False
+
     def __init__(self, segments_: seg.Segments, hidden_specs, hidden_batched, internal_specs,
                  internal_batched, batch_size):
         self.num_steps = segments_.num_steps
@@ -243,6 +245,8 @@ class _Group:
 
 class StackStore:
     """Stored states in flat buffers at the plan's stack offsets (XLA)."""
+
+    xla = True
 
     def __init__(self, segments_: seg.Segments, hidden_specs, hidden_batched, internal_specs,
                  internal_batched, batch_size):
