@@ -61,25 +61,36 @@ UNKNOWN = "\x00"  # stands for every character outside the vocabulary
 # --------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------
-def read_corpus(max_chars: int) -> str:
-    """The standard library's .py files, in a fixed order, up to `max_chars` characters."""
+def read_corpus(max_chars: int, held_out_chars: int):
+    """(training text, held-out text) from the standard library's .py files, in a fixed
+    order: every 20th file is held out (until `held_out_chars`), the rest is training text
+    (until `max_chars`). Tests and the codec tables of `encodings` (generated data, not
+    code) are left out."""
     root = sysconfig.get_paths()["stdlib"]
-    parts, total = [], 0
-    for path in sorted(glob.glob(os.path.join(root, "**", "*.py"), recursive=True)):
-        if "site-packages" in path or "test" in os.path.relpath(path, root).split(os.sep):
+    train, held_out = [], []
+    train_chars = held_chars = 0
+    paths = sorted(glob.glob(os.path.join(root, "**", "*.py"), recursive=True))
+    for index, path in enumerate(paths):
+        parts = os.path.relpath(path, root).split(os.sep)
+        if "site-packages" in parts or "test" in parts or "tests" in parts or \
+                parts[0] == "encodings":
             continue
         try:
             with open(path, encoding="utf-8") as f:
                 text = f.read()
         except (UnicodeDecodeError, OSError):
             continue
-        parts.append(text)
-        total += len(text)
-        if total >= max_chars:
+        if index % 20 == 0 and held_chars < held_out_chars:
+            held_out.append(text)
+            held_chars += len(text)
+        elif train_chars < max_chars:
+            train.append(text)
+            train_chars += len(text)
+        if train_chars >= max_chars and held_chars >= held_out_chars:
             break
-    if not parts:
-        raise RuntimeError(f"no Python source found under {root}")
-    return "".join(parts)[:max_chars]
+    if not train or not held_out:
+        raise RuntimeError(f"not enough Python source found under {root}")
+    return "".join(train)[:max_chars], "".join(held_out)[:held_out_chars]
 
 
 class Vocabulary:
@@ -172,14 +183,14 @@ def step_memory(model, tokens, targets, fused):
         optimizer.apply(tape.gradient(loss, variables), variables)
         return loss
 
-    train_step(tokens, targets).numpy()
+    first_loss = train_step(tokens, targets).numpy()  # before any update
     before = tf.config.experimental.get_memory_info("CPU:0")["current"]
     tf.config.experimental.reset_memory_stats("CPU:0")
     t0 = time.perf_counter()
-    loss = train_step(tokens, targets).numpy()
+    train_step(tokens, targets).numpy()
     seconds = time.perf_counter() - t0
     peak = tf.config.experimental.get_memory_info("CPU:0")["peak"] - before
-    return peak, seconds, float(loss)
+    return peak, seconds, float(first_loss)
 
 
 def held_out_bits(model, ids, num_steps, batch):
@@ -237,7 +248,8 @@ def parse_args(argv=None):
     parser.add_argument("--train-steps", type=int, default=40,
                         help="training steps (batches) (default 40)")
     parser.add_argument("--learning-rate", type=float, default=1e-2)
-    parser.add_argument("--corpus-chars", type=int, default=4_000_000)
+    parser.add_argument("--corpus-chars", type=int, default=4_000_000,
+                        help="training text, characters (default 4,000,000)")
     parser.add_argument("--held-out-chars", type=int, default=200_000)
     parser.add_argument("--standard-limit-gib", type=float, default=6.0,
                         help="skip measuring the standard model when its step is predicted "
@@ -256,15 +268,14 @@ def main(argv=None):
         budget = float(args.budget)
     except ValueError:
         budget = args.budget  # '5%', '64MiB', 'slots:N': MemoryEfficientRNN parses these
-    text = read_corpus(args.corpus_chars)
-    held_out_text = text[-args.held_out_chars:]
-    train_text = text[:-args.held_out_chars]
+    train_text, held_out_text = read_corpus(args.corpus_chars, args.held_out_chars)
     vocab = Vocabulary(train_text)
     train_ids, held_out_ids = vocab.encode(train_text), vocab.encode(held_out_text)
     baseline = unigram_bits(train_ids, held_out_ids, len(vocab))
-    print(f"Corpus: {len(text):,} characters of the standard library's source "
-          f"({sysconfig.get_paths()['stdlib']}), vocabulary {len(vocab)}, held out "
-          f"{len(held_out_text):,}. Unigram baseline: {baseline:.3f} bits per character.")
+    print(f"Corpus: the standard library's source ({sysconfig.get_paths()['stdlib']}): "
+          f"{len(train_text):,} characters to train on, {len(held_out_text):,} held out "
+          f"(every 20th file); vocabulary {len(vocab)}. Unigram baseline: {baseline:.3f} "
+          f"bits per character.")
 
     T, B = args.num_steps, args.batch_size
     rng = np.random.default_rng(args.seed)
@@ -272,6 +283,7 @@ def main(argv=None):
     tokens, targets = windows(train_ids, T, B, rng)
 
     # 1-2. The plan, and one training step's memory against the standard model's.
+    initial_weights = model.get_weights()
     peak, seconds, loss = step_memory(model, tokens, targets, fused=True)
     print()
     print(lm.last_plan.describe())
@@ -290,12 +302,13 @@ def main(argv=None):
               f"{args.standard_limit_gib:g}")
     else:
         standard = build_standard(len(vocab), T, args.units, args.seed)
-        standard.set_weights(model.get_weights())
+        standard.set_weights(initial_weights)
         standard_peak, standard_seconds, standard_loss = step_memory(standard, tokens, targets,
                                                                      fused=False)
         print(f"  standard keras.layers.RNN + Dense : {format_bytes(standard_peak):>10}  "
               f"({standard_seconds:.2f} s)   fused = {100 * peak / standard_peak:.1f}% of it")
-        print(f"  the same loss: fused {loss:.6f}, standard {standard_loss:.6f}")
+        print(f"  the same loss from the same weights: fused {loss:.6f}, standard "
+              f"{standard_loss:.6f}")
         del standard
 
     # 3. Training, then the held-out bits per character.
@@ -306,7 +319,8 @@ def main(argv=None):
     class Report(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
             if (batch + 1) % max(1, args.train_steps // 8) == 0:
-                print(f"  step {batch + 1:4d}: loss {logs['loss'] / math.log(2):.3f} bits/char "
+                print(f"  step {batch + 1:4d}: mean training loss so far "
+                      f"{logs['loss'] / math.log(2):.3f} bits/char "
                       f"({time.perf_counter() - started:.0f} s)", flush=True)
 
     def batches():

@@ -174,9 +174,7 @@ def _assert_close(expected, actual, what):
 # --------------------------------------------------------------------------------------
 # Every cell in every call pattern once
 # --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("pattern", PATTERNS)
-@pytest.mark.parametrize("cell_name", sorted(ZOO))
-def test_every_cell_in_every_pattern(cell_name, pattern):
+def _check_cell_in_pattern(cell_name, pattern):
     budget = 0.6 if pattern == "xla" else "slots:2"
     result = check_case(cell_name, pattern, num_steps=7, budget=budget, mask_kind="middle",
                         return_sequences=True)
@@ -184,6 +182,32 @@ def test_every_cell_in_every_pattern(cell_name, pattern):
         assert result != "refused"
         # The planned gradient ran, recomputing steps at this budget.
         assert result.last_plan is not None and result.last_plan.forward_evals > 7
+
+
+# The cells with something to get wrong in every pattern by default; the whole matrix
+# (every cell in every pattern, ~5 minutes on 2 cores) with `-m slow`.
+_IN_EVERY_PATTERN = ("lstm_dropout", "noise", "counter", "mixed_dtype", "tied", "cond",
+                     "stateful_random", "add_loss")
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("cell_name", _IN_EVERY_PATTERN)
+def test_cells_in_every_pattern(cell_name, pattern):
+    _check_cell_in_pattern(cell_name, pattern)
+
+
+@pytest.mark.parametrize("cell_name", sorted(set(ZOO) - set(_IN_EVERY_PATTERN)))
+def test_every_cell_without_training_argument(cell_name):
+    """The pattern that used to run standard BPTT: a custom loop that does not say
+    `training=True`."""
+    _check_cell_in_pattern(cell_name, "loop_default")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("cell_name", sorted(ZOO))
+def test_every_cell_in_every_pattern(cell_name, pattern):
+    _check_cell_in_pattern(cell_name, pattern)
 
 
 # --------------------------------------------------------------------------------------

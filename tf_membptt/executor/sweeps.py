@@ -53,11 +53,14 @@ class StepInputs:
     go_backwards: bool
     batch: tf.Tensor
 
+    def column(self, position):
+        """The input's column (time index) of the step at processing `position`."""
+        num_steps = self.xs.shape[1] if self.xs.shape[1] is not None else tf.shape(self.xs)[1]
+        return num_steps - 1 - position if self.go_backwards else position
+
     def at(self, position):
         """Input and side inputs of the step at processing `position` (0-based)."""
-        num_steps = self.xs.shape[1] if self.xs.shape[1] is not None else tf.shape(self.xs)[1]
-        column = num_steps - 1 - position if self.go_backwards else position
-        x = tf.gather(self.xs, column, axis=1)
+        x = tf.gather(self.xs, self.column(position), axis=1)
         return x, [tf.gather(side, position) for side in self.sides]
 
 
@@ -139,7 +142,8 @@ def backward_sweep(program, store, locations: st.Locations, segments_: seg.Segme
                    need_dx: bool, in_flight: int = 1):
     """The gradient: ``(dxs, d_carry0, d_params)``. `d_final_carry` holds the gradients of
     the differentiable carry parts after step ``T``; `d_outputs` (batch-major, processing
-    order; each step reads its own slice) or `d_last` the output gradients. `dxs` is batch-major (None unless
+    order; each step reads its own slice) or `d_last` the output gradients. `dxs` is
+    batch-major, written in place one step at a time like an output sequence (None unless
     `need_dx`). `in_flight` backward steps may run at once (see `in_flight_backwards`)."""
     num_steps = segments_.num_steps
     invariants = program.invariants(inputs.params, inputs.constants)
@@ -150,8 +154,8 @@ def backward_sweep(program, store, locations: st.Locations, segments_: seg.Segme
                            output_spec.dtype)
     backward_table = tf.constant(locations.backwards)
     # The input's gradients, one row per step (a loop variable only when built).
-    dxs = ([tf.TensorArray(signature.input_spec.dtype, size=num_steps,
-                           element_shape=signature.input_spec.shape)] if need_dx else [])
+    input_gradient = OutputSequence(signature.input_spec, inputs.batch, num_steps, store.xla)
+    dxs = [input_gradient.empty()] if need_dx else []
 
     # Without output sequence only step T's output has a gradient. Its backward comes
     # first: when it is segment 0's, it runs on its own with `d_last` and every other
@@ -179,7 +183,7 @@ def backward_sweep(program, store, locations: st.Locations, segments_: seg.Segme
         # kernel then fails ("bias must be 1-dimensional").
         d_params = [tf.math.add_n([a, g]) for a, g in zip(d_params, grads)]
         if need_dx:
-            dxs = [dxs[0].write(step - 1, dx)]
+            dxs = [input_gradient.write(dxs[0], inputs.column(step - 1), dx)]
         return state, d_prev, d_params, dxs
 
     frees = store.writes(frees_internal=True)
@@ -215,10 +219,7 @@ def backward_sweep(program, store, locations: st.Locations, segments_: seg.Segme
             program, store, locations, segments_, inputs, state, d_carry, d_params, dxs,
             run_backward, backward_loop)
     if need_dx:  # rows are in processing order; the input is batch-major
-        dxs = dxs[0].stack()
-        if inputs.go_backwards:
-            dxs = tf.reverse(dxs, [0])
-        dxs = tf.transpose(dxs, [1, 0] + list(range(2, len(dxs.shape))))
+        dxs = input_gradient.finish(dxs[0])
     else:
         dxs = None
     return dxs, d_carry, d_params
@@ -299,7 +300,7 @@ def in_flight_backwards(param_bytes: float, stored_bytes: float, limit: int = 10
     at T = 1000 with nothing recomputed, 1.34x keras.layers.RNN's step time with one step
     at a time, 1.03x with ten). But each step in flight holds its own copy of the params'
     gradients until it is summed, so the count is the largest that keeps those copies
-    within a tenth of the stored states' bytes (at least 1, at most `limit`)."""
+    within a quarter of the stored states' bytes (at least 1, at most `limit`)."""
     if param_bytes <= 0:
         return limit
-    return int(max(1, min(limit, 1 + (0.1 * stored_bytes) // param_bytes)))
+    return int(max(1, min(limit, 1 + (0.25 * stored_bytes) // param_bytes)))
