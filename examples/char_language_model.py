@@ -53,7 +53,7 @@ try:
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from tf_membptt import MemoryEfficientRNN  # noqa: E402
-from tf_membptt.budget import format_bytes  # noqa: E402
+from tf_membptt.budget import budget_argument, format_bytes  # noqa: E402
 
 UNKNOWN = "\x00"  # stands for every character outside the vocabulary
 
@@ -264,10 +264,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     started = time.perf_counter()
-    try:
-        budget = float(args.budget)
-    except ValueError:
-        budget = args.budget  # '5%', '64MiB', 'slots:N': MemoryEfficientRNN parses these
+    budget = budget_argument(args.budget)  # '0.05', '5%', '64MiB', 'slots:N', 'none' 
     train_text, held_out_text = read_corpus(args.corpus_chars, args.held_out_chars)
     vocab = Vocabulary(train_text)
     train_ids, held_out_ids = vocab.encode(train_text), vocab.encode(held_out_text)
@@ -334,7 +331,7 @@ def main(argv=None):
     dataset = tf.data.Dataset.from_generator(
         batches, output_signature=((tf.TensorSpec((B, T), tf.int32),
                                     tf.TensorSpec((B, T), tf.int32)),))
-    model.fit(dataset, steps_per_epoch=args.train_steps, epochs=1, verbose=0,
+    model.fit(dataset, steps_per_epoch=args.train_steps, epochs=1, verbose=0, shuffle=False,
               callbacks=[Report()])
     eval_model.set_weights(model.get_weights())
     bits = held_out_bits(eval_model, held_out_ids, min(T, 2000), 16)

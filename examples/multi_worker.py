@@ -78,11 +78,9 @@ def worker(args):
     # The strategy must exist before any other TensorFlow op runs.
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     task = json.loads(os.environ["TF_CONFIG"])["task"]
-    budget = args.budget
-    try:
-        budget = float(budget)
-    except ValueError:
-        pass
+    from tf_membptt.budget import budget_argument
+
+    budget = budget_argument(args.budget)  # '0.05', '5%', '64MiB', 'slots:N', 'none' 
 
     keras.utils.set_random_seed(args.seed)  # the same initial weights on every worker
     features = 3

@@ -55,7 +55,7 @@ try:
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from tf_membptt import MemoryEfficientRNN  # noqa: E402
-from tf_membptt.budget import format_bytes  # noqa: E402
+from tf_membptt.budget import budget_argument, format_bytes  # noqa: E402
 
 FEATURES = 2  # value, marker
 
@@ -211,17 +211,10 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def parse_budget_arg(text):
-    try:
-        return float(text)
-    except ValueError:
-        return text  # '5%', '64MiB', 'slots:N': MemoryEfficientRNN parses these
-
-
 def main(argv=None):
     args = parse_args(argv)
     started = time.perf_counter()
-    budget = parse_budget_arg(args.budget)
+    budget = budget_argument(args.budget)  # '0.05', '5%', '64MiB', 'slots:N', 'none' 
     T = args.num_steps
     output_dir = args.output_dir or tempfile.mkdtemp(prefix="tf_membptt_example_")
     os.makedirs(output_dir, exist_ok=True)

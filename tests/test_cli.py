@@ -2,12 +2,15 @@
 
 import os
 import pathlib
+import re
 import struct
 import subprocess
 import sys
 import textwrap
 
 import pytest
+
+from tf_membptt.budget import budget_argument, parse_budget
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -66,7 +69,8 @@ def test_strategy_flag_is_used():
     (["--budget", "abc"], "--budget"),
     (["--budget", "slots:-3"], "--budget"),
     (["--budget", "0.01%"], "below the minimum of 1 slot"),
-    (["--budget", "slots:0.5"], "Received: memory_slots=0.5"),
+    (["--budget", "slots:0.5"], "at least 1 (h_0 is always held)"),
+    (["--budget", "64MiB"], "a budget in bytes needs the bytes of one hidden state"),
     (["--strategy", "foo"], "invalid choice: 'foo'"),
     (["--strategy", "full", "--budget", "100%"], "minimum of 201 slots"),
     (["--alpha", "0.5"], "Received: --alpha=0.5"),
@@ -151,3 +155,39 @@ def test_no_command_prints_help_and_fails():
     result = run_cli()
     assert result.returncode == 2
     assert "plan" in result.stderr
+
+
+def test_no_budget_plans_standard_bptt():
+    # "none" is memory_budget=None: every internal state stored, nothing recomputed.
+    result = run_cli("plan", "--num-steps", 50, "--budget", "none", "--alpha", 2)
+    assert result.returncode == 0, result.stderr
+    assert "memory_slots=101" in result.stdout
+    assert forward_evaluations_line(result.stdout).strip().startswith("forward evaluations : 50 (")
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("0.05", 0.05), (" 1 ", 1.0), ("1.0", 1.0), ("5%", "5%"), ("67108864", 67108864),
+    ("64MiB", "64MiB"), ("1.5GB", "1.5GB"), ("slots:40", "slots:40"), ("none", None),
+    ("None", None),
+])
+def test_budget_argument_reads_text_as_the_layer_reads_values(text, expected):
+    value = budget_argument(text)
+    assert value == expected and type(value) is type(expected)
+    # The same Budget as the value the layer would be given.
+    assert parse_budget(value) == parse_budget(expected)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("0", "must be in (0, 1]"), ("1.5", "must be in (0, 1]"), ("-3", "must be in (0, 1]"),
+    ("abc", "is not a recognised budget"), ("120%", "(0%, 100%]"),
+    ("slots:0", "at least 1"),
+])
+def test_budget_argument_refuses_bad_text_naming_it(text, message):
+    with pytest.raises(ValueError, match=re.escape(message)) as caught:
+        budget_argument(text)
+    assert "Received: memory_budget=" in str(caught.value)
+
+
+def test_budget_argument_needs_text():
+    with pytest.raises(TypeError, match=r"Received: text=0\.05"):
+        budget_argument(0.05)

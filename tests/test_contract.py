@@ -150,6 +150,13 @@ def check_case(cell_name, pattern, *, num_steps=7, budget=0.3, strategy="msm",
         if (pattern == "xla" and isinstance(error, ValueError) and "memory_budget" in message
                 and "scratch" in message):
             return "refused"  # XLA's scratch state does not fit in the budget (documented)
+        if ("is below the least feasible budget" in message
+                and f"Received: memory_budget={budget!r}" in message):
+            # A drawn budget below the least one for this cell and length (e.g. 1 step at
+            # 0.5): the documented ValueError, raised where the plan is made (at the call;
+            # when the gradient runs for `tf.gradients`, which plans only then).
+            assert isinstance(error, ValueError) or pattern == "tf_gradients", error
+            return "refused"
         raise
     if expected_error is not None:
         raise AssertionError(f"{cell_name} was not refused in {pattern}")

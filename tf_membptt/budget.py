@@ -117,6 +117,30 @@ def parse_budget(memory_budget) -> Budget:
          f"{type(memory_budget).__name__}")
 
 
+def budget_argument(text: str):
+    """The `memory_budget=` value that `text`, written on a command line, stands for.
+
+    The one reading of a budget given as text, shared by ``python -m tf_membptt plan`` and
+    the examples' ``--budget`` flags, so that a budget means the same everywhere: a number
+    in ``(0, 1]`` (``"0.05"``, ``"1"``) is a fraction, as the float ``0.05`` is for the layer;
+    a larger whole number (``"67108864"``) is bytes, as the int is; ``"none"`` is no limit;
+    every other text (``"5%"``, ``"64MiB"``, ``"slots:N"``) is passed on as the string.
+    The result is validated by `parse_budget` (a ValueError names what is wrong)."""
+    if not isinstance(text, str):
+        raise TypeError(f"Argument `text` must be a str. Received: text={text!r}")
+    stripped = text.strip()
+    if stripped.lower() == "none":
+        return None
+    try:
+        number = float(stripped)
+    except ValueError:
+        value = stripped
+    else:
+        value = int(number) if number > 1 and number.is_integer() else number
+    parse_budget(value)
+    return value
+
+
 def format_bytes(num_bytes: float) -> str:
     for unit, size in (("GiB", 1024 ** 3), ("MiB", 1024 ** 2), ("KiB", 1024)):
         if num_bytes >= size:

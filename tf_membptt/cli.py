@@ -21,6 +21,7 @@ import sys
 from fractions import Fraction
 from typing import List, Optional, Sequence, Tuple
 
+from tf_membptt.budget import Budget, budget_argument, parse_budget
 from tf_membptt.planner import minimum_memory_slots, plan
 from tf_membptt.schedule import STRATEGIES, Plan
 
@@ -53,27 +54,18 @@ def _parse_alpha(text: str) -> Fraction:
     return _fraction(text, "--alpha")
 
 
-def _parse_budget(text: str) -> Tuple[str, Fraction]:
-    """``'5%'`` or ``'0.05'`` -> ("fraction", 1/20); ``'slots:100'`` -> ("slots", 100)."""
-    usage = ("--budget must be a percentage like 5%, a fraction in (0, 1] like 0.05, or "
-             "slots:N with N memory slots (hidden-state units, h_0 included)")
-    stripped = text.strip()
-    if stripped.lower().startswith("slots:"):
-        slots = _fraction(stripped[len("slots:"):], "--budget slots:N")
-        if slots <= 0:
-            raise argparse.ArgumentTypeError(f"{usage}. Received: {text!r}")
-        return "slots", slots
+def _parse_budget(text: str) -> Budget:
+    """``--budget``, read as the layer reads `memory_budget` (`budget.budget_argument`)."""
     try:
-        if stripped.endswith("%"):
-            fraction = Fraction(stripped[:-1].strip()) / 100
-        else:
-            fraction = Fraction(stripped)
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"{usage}. Received: {text!r}")
-    if not 0 < fraction <= 1:
+        budget = parse_budget(budget_argument(text))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if budget.kind == "bytes":
         raise argparse.ArgumentTypeError(
-            f"{usage}; a fraction must lie in (0, 1] (0% < budget <= 100%). Received: {text!r}")
-    return "fraction", fraction
+            "a budget in bytes needs the bytes of one hidden state, which only the layer "
+            "knows (its cell, batch size and dtype); here give a percentage (5%), a fraction "
+            f"(0.05) or slots:N. Received: {text!r}")
+    return budget
 
 
 def _build_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
@@ -136,23 +128,22 @@ class _PlotError(Exception):
     """The plot could not be made (matplotlib missing, file not writable)."""
 
 
-def _memory_slots(budget: Tuple[str, Fraction], num_steps: int, alpha: Fraction):
-    kind, value = budget
-    if kind == "slots":
-        return float(value)
-    return math.floor(value * alpha * num_steps)
+def _memory_slots(budget: Budget, num_steps: int, alpha: Fraction) -> float:
+    # The layer's own conversion (`Budget.slots`), so a budget plans the same here.
+    return budget.slots(num_steps=num_steps, alpha=float(alpha), hidden_bytes=None)
 
 
-def _describe_budget(budget: Tuple[str, Fraction], num_steps: int, alpha: Fraction,
-                     memory_slots) -> str:
-    kind, value = budget
+def _describe_budget(budget: Budget, num_steps: int, alpha: Fraction, memory_slots) -> str:
     standard = alpha * num_steps
-    if kind == "slots":
+    if budget.kind == "slots":
         return (f"Budget: {_fmt(memory_slots)} slots "
-                f"({100 * float(value / standard):.2f}% of standard BPTT's "
+                f"({100 * float(memory_slots / standard):.2f}% of standard BPTT's "
                 f"{_fmt(float(standard))})")
-    return (f"Budget: {_fmt(float(100 * value))}% of standard BPTT's {_fmt(float(standard))} "
-            f"slots -> memory_slots={memory_slots}")
+    if budget.kind == "unlimited":
+        return (f"Budget: none (standard BPTT's {_fmt(float(standard))} slots and h_0) -> "
+                f"memory_slots={_fmt(memory_slots)}")
+    return (f"Budget: {_fmt(round(100 * budget.value, 12))}% of standard BPTT's "
+            f"{_fmt(float(standard))} slots -> memory_slots={_fmt(memory_slots)}")
 
 
 def _run_plan(args) -> int:
@@ -170,12 +161,13 @@ def _run_plan(args) -> int:
         # Checked before the budget, which depends on alpha.
         raise ValueError(f"Argument `--alpha` must be >= 1. Received: --alpha={_fmt(alpha)}")
     memory_slots = _memory_slots(args.budget, num_steps, alpha)
-    if args.budget[0] == "fraction":
+    if args.budget.kind == "fraction":
         minimum = minimum_memory_slots(num_steps, args.strategy, float(alpha))
         if memory_slots < minimum:
             raise ValueError(
-                f"--budget {_fmt(100 * args.budget[1])}% gives memory_slots={memory_slots} "
-                f"(floor({_fmt(args.budget[1])} * alpha={_fmt(alpha)} * T={num_steps})), "
+                f"--budget {_fmt(round(100 * args.budget.value, 12))}% gives "
+                f"memory_slots={_fmt(memory_slots)} "
+                f"(floor({_fmt(args.budget.value)} * alpha={_fmt(alpha)} * T={num_steps})), "
                 f"below the minimum of {_fmt(minimum)} slot{'' if minimum == 1 else 's'} "
                 f"for strategy {args.strategy!r}; use a larger budget or slots:N")
     chosen = plan(num_steps, memory_slots, strategy=args.strategy, alpha=float(alpha))
