@@ -20,12 +20,15 @@ training step (forward, backward, Adam update) in three builds from the same wei
 * ``fused``: `MemoryEfficientRNN(cell, 0.05, head=Dense, loss=...)` called with targets.
 
 Their losses over the first `--trajectory-steps` training steps (SGD on the same batches)
-must be identical; memory and time are medians of `--rounds` steps. At T = 10,000 the
+must agree: the unfused build's bit for bit (the same ops in the same order), the fused
+build's within `LOSS_RTOL` (it sums the per-step losses and the head's gradients over time
+in another order). Memory and time are medians of `--rounds` steps. At T = 10,000 the
 standard build is measured unless its predicted memory exceeds `--standard-limit-gib`.
 
 Activation memory = the CPU BFC allocator's peak during the step minus the bytes in use just
 before it (`TF_CPU_ALLOCATOR_USE_BFC=true` before TensorFlow is imported; a 2 GiB block
-allocated and freed first). Writes ``<out-dir>/sequence.{json,md}``.
+allocated and freed first). Writes ``<out-dir>/sequence.{json,md}`` (``sequence_batch<N>``
+for another `--batch`).
 """
 
 from __future__ import annotations
@@ -198,9 +201,21 @@ def char_lm(num_steps, budget, rounds, trajectory_steps, standard_limit_gib, dat
         if "activation_bytes" in standard:
             build_["memory_ratio"] = build_["activation_bytes"] / standard["activation_bytes"]
             build_["time_ratio"] = build_["time_s"] / standard["time_s"]
-            build_["same_losses"] = bool(np.allclose(build_["losses"], standard["losses"],
-                                                     rtol=1e-5))
+            build_["loss_rel_diff"] = loss_rel_diff(build_["losses"], standard["losses"])
+            build_["same_losses"] = build_["loss_rel_diff"] <= LOSS_RTOL
     return entry
+
+
+# Float32 sums over T x batch per-step terms (the loss, the head's weight gradients) taken
+# in another order than the standard model's batched ops differ by rounding: about 1e-5
+# relative after two SGD steps at T = 10,000. Bit-identical is asked of nothing but the
+# unfused build (the same ops in the same order); beyond LOSS_RTOL the build is reported
+# as differing and the run fails.
+LOSS_RTOL = 5e-5
+
+
+def loss_rel_diff(losses, reference):
+    return max(abs(float(a) - float(b)) / abs(float(b)) for a, b in zip(losses, reference))
 
 
 def machine():
@@ -211,11 +226,13 @@ def machine():
 
 def write(payload, out_dir, quick):
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "sequence.json").write_text(json.dumps(payload, indent=1))
+    stem = "sequence" if BATCH == 16 else f"sequence_batch{BATCH}"
+    (out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=1))
     m = payload["machine"]
     lines = ["# Sequence outputs and language models", "",
              f"Run {m['date']} on {m['cpus']} CPUs, TensorFlow {m['tensorflow']}, Keras "
-             f"{m['keras']}. `python benchmarks/bench_sequence.py{' --quick' if quick else ''}`."
+             f"{m['keras']}. `python benchmarks/bench_sequence.py{' --quick' if quick else ''}"
+             f"{'' if BATCH == 16 else f' --batch {BATCH}'}`."
              f" Budget 5%, batch {BATCH}, LSTMCell({UNITS}).", "",
              "## The layer alone, `return_sequences=True`", "",
              "| T | measured | predicted | of which stored states | output + gradient | "
@@ -228,7 +245,8 @@ def write(payload, out_dir, quick):
             f"{(parts['output sequence'] + parts['its gradient']) / MiB:.2f} MiB | "
             f"{100 * (e['activation_bytes'] / e['predicted_bytes'] - 1):+.1f}% |")
     lines += ["", "## Character-level language model, one training step", "",
-              "| T | build | memory | vs standard | time | vs standard | same losses |",
+              "| T | build | memory | vs standard | time | vs standard | losses vs standard "
+              "(largest relative difference) |",
               "|---:|---|---:|---:|---:|---:|---|"]
     for e in payload["char_lm"]:
         for kind in ("standard", "unfused", "fused"):
@@ -239,15 +257,29 @@ def write(payload, out_dir, quick):
             ratio = (f"{100 * b['memory_ratio']:.1f}%" if "memory_ratio" in b else
                      ("-" if kind == "standard" else "n/a"))
             tratio = f"{b['time_ratio']:.2f}x" if "time_ratio" in b else "-"
-            same = {True: "yes", False: "NO"}.get(b.get("same_losses"), "-")
+            if "loss_rel_diff" not in b:
+                same = "-"
+            elif b["loss_rel_diff"] == 0:
+                same = "identical"
+            else:
+                same = (f"{b['loss_rel_diff']:.1e}"
+                        + ("" if b["same_losses"] else f" (above {LOSS_RTOL:g}: DIFFERENT)"))
             lines.append(f"| {e['T']:,} | {kind} | {b['activation_bytes'] / MiB:.1f} MiB | "
                          f"{ratio} | {b['time_s']:.2f} s | {tratio} | {same} |")
-    (out_dir / "sequence.md").write_text("\n".join(lines) + "\n")
+    lines += ["", "Losses: the first training steps' losses (SGD on the same batches). The "
+              "unfused build runs the same ops in the same order as the standard one; the fused "
+              "build sums the per-step losses and the head's weight gradients over time, in "
+              f"another order, so float32 rounding differs (allowed: {LOSS_RTOL:g} relative)."]
+    (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
 
 def main(argv=None):
+    global BATCH
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", default="1000,10000")
+    parser.add_argument("--batch", type=int, default=BATCH,
+                        help=f"batch size (default {BATCH}); results of another batch size go "
+                             "to sequence_batch<N>.{json,md}")
     parser.add_argument("--budget", type=float, default=0.05)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--trajectory-steps", type=int, default=3)
@@ -256,6 +288,7 @@ def main(argv=None):
     parser.add_argument("--reserve-mib", type=int, default=2048)
     parser.add_argument("--out-dir", default=str(REPO_ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
+    BATCH = args.batch
     lengths = [300] if args.quick else [int(t) for t in args.lengths.split(",")]
     if args.reserve_mib:
         block = tf.zeros([args.reserve_mib * 2 ** 18])

@@ -152,10 +152,24 @@ def machine():
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
-def write(results, out_dir, args):
+def split(entry):
+    """Where the time goes, from the medians: (backward at budget 100% / keras.layers.RNN's
+    backward, a recomputed step / a forward step), each backward being the step minus the
+    forward-only step, and a recomputed step's cost (5% step - 100% step) / the recomputed
+    evaluations. Differences of noisy medians: read them across runs."""
+    m, T = entry["medians_s"], entry["T"]
+    keras_backward = m["keras.layers.RNN"] - m["keras forward"]
+    backward_ratio = (m["budget 100%"] - m["keras forward"]) / keras_backward
+    recomputed = entry["budgets"]["5%"]["forward_evals"] - T
+    recompute_ratio = ((m["budget 5%"] - m["budget 100%"]) / recomputed) / (
+        m["keras forward"] / T)
+    return backward_ratio, recompute_ratio
+
+
+def write(results, out_dir, args, machine_info=None, stem="speed"):
     out_dir.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": machine(), "args": vars(args), "results": results}
-    (out_dir / "speed.json").write_text(json.dumps(payload, indent=1))
+    payload = {"machine": machine_info or machine(), "args": vars(args), "results": results}
+    (out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=1))
     m = payload["machine"]
     lines = [
         "# Step time: MemoryEfficientRNN / keras.layers.RNN",
@@ -164,11 +178,15 @@ def write(results, out_dir, args):
         f" Keras {m['keras']}, devices {', '.join(m['devices'])}. `python "
         f"benchmarks/bench_speed.py{' --quick' if args.quick else ''}`: T = {args.num_steps},"
         f" {args.rounds} alternated rounds, medians; training step with `training=True`.",
-        "Predicted: `plan.time_ratio(beta)` with beta measured in the same run.",
+        "Predicted: `plan.time_ratio(beta)` with beta measured in the same run. Split: our "
+        "backward at 100% over keras.layers.RNN's backward (each: step minus the forward-only "
+        "step of keras.layers.RNN), and the cost of one recomputed step ((5% step - 100% step) "
+        "/ recomputed evaluations) over one forward step of keras.layers.RNN.",
         "",
         "| configuration | mode | keras.layers.RNN step | beta | 100%: measured | 100%: "
-        "predicted | 5%: measured | 5%: predicted | 5%: forward evals |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "predicted | 5%: measured | 5%: predicted | 5%: forward evals | split: backward | "
+        "split: recomputed step |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for e in results:
         b = e["budgets"]
@@ -176,8 +194,9 @@ def write(results, out_dir, args):
             f"| {e['label']} | {e['mode']} | {e['medians_s']['keras.layers.RNN'] * 1e3:.0f} ms "
             f"| {e['beta_measured']:.2f} | {b['100%']['ratio']:.2f}x | "
             f"{b['100%']['predicted']:.2f}x | {b['5%']['ratio']:.2f}x | "
-            f"{b['5%']['predicted']:.2f}x | {b['5%']['forward_evals']} |")
-    (out_dir / "speed.md").write_text("\n".join(lines) + "\n")
+            f"{b['5%']['predicted']:.2f}x | {b['5%']['forward_evals']} | "
+            f"{split(e)[0]:.2f}x | {split(e)[1]:.2f}x |")
+    (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
 
 def main(argv=None):
@@ -189,7 +208,17 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="T = 200, 3 rounds")
     parser.add_argument("--out-dir", default=str(REPO_ROOT / "benchmarks" / "results"))
+    parser.add_argument("--render", metavar="JSON",
+                        help="measure nothing: write the tables of an earlier run's JSON again "
+                             "(to --out-dir, named after the JSON)")
     args = parser.parse_args(argv)
+    if args.render:
+        path = pathlib.Path(args.render)
+        payload = json.loads(path.read_text())
+        recorded = argparse.Namespace(**payload["args"])
+        write(payload["results"], pathlib.Path(args.out_dir), recorded, payload["machine"],
+              stem=path.stem)
+        return 0
     if args.quick:
         args.num_steps, args.rounds = 200, 3
     results = []

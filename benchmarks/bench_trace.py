@@ -41,25 +41,21 @@ ROOT = os.path.dirname(HERE)
 UNITS, BATCH, FEATURES, BUDGET = 64, 8, 16, 0.05
 
 
-def _one(mode: str, num_steps: int, steps: int) -> dict:
-    """Runs in the subprocess: times one configuration."""
+def _training_step(num_steps: int):
+    """Runs in the subprocess: the layer and a training step (loss and the gradients of
+    every weight), built but not traced."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     sys.path.insert(0, ROOT)
     import keras
-    import numpy as np
     import tensorflow as tf
 
     from tf_membptt import MemoryEfficientRNN
-    from tf_membptt import planner
 
     tf.get_logger().setLevel("ERROR")
     keras.utils.set_random_seed(0)
     layer = MemoryEfficientRNN(keras.layers.LSTMCell(UNITS), BUDGET)
     head = keras.layers.Dense(1)
-    x = tf.constant(np.random.default_rng(0).standard_normal((BATCH, num_steps, FEATURES)),
-                    tf.float32)
-    y = tf.constant(np.random.default_rng(1).standard_normal((BATCH, 1)), tf.float32)
-    layer.build(x.shape)
+    layer.build((BATCH, num_steps, FEATURES))
     head.build((BATCH, UNITS))
     variables = layer.trainable_variables + head.trainable_variables
 
@@ -67,6 +63,21 @@ def _one(mode: str, num_steps: int, steps: int) -> dict:
         with tf.GradientTape() as tape:
             loss = tf.reduce_mean((head(layer(x, training=True)) - y) ** 2)
         return loss, tape.gradient(loss, variables)
+
+    return layer, train_step
+
+
+def _one(mode: str, num_steps: int, steps: int) -> dict:
+    """Runs in the subprocess: times one configuration."""
+    layer, train_step = _training_step(num_steps)
+    import numpy as np
+    import tensorflow as tf
+
+    from tf_membptt import planner
+
+    x = tf.constant(np.random.default_rng(0).standard_normal((BATCH, num_steps, FEATURES)),
+                    tf.float32)
+    y = tf.constant(np.random.default_rng(1).standard_normal((BATCH, 1)), tf.float32)
 
     fn = {"eager": train_step, "graph": tf.function(train_step),
           "xla": tf.function(train_step, jit_compile=True)}[mode]
@@ -108,26 +119,10 @@ def _trace_only(mode: str, num_steps: int) -> dict:
     `get_concrete_function` with a cold plan cache: planning, the cell's analysis, and the
     graph of the step (forward sweep, gradient function) built. XLA compiles on the first
     run, which this does not time."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    sys.path.insert(0, ROOT)
-    import keras
+    layer, train_step = _training_step(num_steps)
     import tensorflow as tf
 
-    from tf_membptt import MemoryEfficientRNN
     from tf_membptt import planner
-
-    tf.get_logger().setLevel("ERROR")
-    keras.utils.set_random_seed(0)
-    layer = MemoryEfficientRNN(keras.layers.LSTMCell(UNITS), BUDGET)
-    head = keras.layers.Dense(1)
-    layer.build((BATCH, num_steps, FEATURES))
-    head.build((BATCH, UNITS))
-    variables = layer.trainable_variables + head.trainable_variables
-
-    def train_step(x, y):
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_mean((head(layer(x, training=True)) - y) ** 2)
-        return loss, tape.gradient(loss, variables)
 
     fn = tf.function(train_step, jit_compile=(mode == "xla"))
     planner._cached_plan.cache_clear()

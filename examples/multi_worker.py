@@ -80,7 +80,7 @@ def worker(args):
     task = json.loads(os.environ["TF_CONFIG"])["task"]
     from tf_membptt.budget import budget_argument
 
-    budget = budget_argument(args.budget)  # '0.05', '5%', '64MiB', 'slots:N', 'none' 
+    budget = budget_argument(args.budget)  # '0.05', '5%', '64MiB', 'slots:N', 'none'
 
     keras.utils.set_random_seed(args.seed)  # the same initial weights on every worker
     features = 3

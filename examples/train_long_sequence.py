@@ -214,7 +214,7 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     started = time.perf_counter()
-    budget = budget_argument(args.budget)  # '0.05', '5%', '64MiB', 'slots:N', 'none' 
+    budget = budget_argument(args.budget)  # '0.05', '5%', '64MiB', 'slots:N', 'none'
     T = args.num_steps
     output_dir = args.output_dir or tempfile.mkdtemp(prefix="tf_membptt_example_")
     os.makedirs(output_dir, exist_ok=True)
