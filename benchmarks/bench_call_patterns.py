@@ -1,6 +1,6 @@
 """Activation memory and time of one training step, by the way the layer is called.
 
-    python benchmarks/bench_call_patterns.py            # T = 1000, LSTMCell(512), 5% (~6 min)
+    python benchmarks/bench_call_patterns.py            # T = 1000, LSTMCell(512), 5% (~4 min)
     python benchmarks/bench_call_patterns.py --quick    # T = 200, LSTMCell(64): a smoke run
 
 The model is ``Input((T, 32)) -> RNN -> Dense(1)``, batch 32, MSE loss, SGD. Each call

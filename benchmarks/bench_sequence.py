@@ -1,7 +1,7 @@
 """Memory and time of models with sequence outputs: the layer alone, and a character-level
 language model fused and unfused.
 
-    python benchmarks/bench_sequence.py            # T = 1000 and 10,000 (~10 min, 2 cores)
+    python benchmarks/bench_sequence.py            # T = 1000 and 10,000 (~3 min, 2 cores)
     python benchmarks/bench_sequence.py --quick    # T = 300 only: a smoke run
 
 Part 1, the layer alone: ``MemoryEfficientRNN(LSTMCell(128), 0.05, return_sequences=True)``,

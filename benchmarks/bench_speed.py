@@ -1,6 +1,6 @@
 """Step time of MemoryEfficientRNN against keras.layers.RNN for ordinary cell sizes.
 
-    python benchmarks/bench_speed.py                    # the full table (~10 min, 2 cores)
+    python benchmarks/bench_speed.py                    # the full table (~5 min on 2 cores; ~8 with --rounds 11)
     python benchmarks/bench_speed.py --quick            # T = 200, 3 rounds: a smoke run
     python benchmarks/bench_speed.py --configs lstm128 --modes graph --rounds 7
 
