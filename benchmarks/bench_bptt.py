@@ -83,14 +83,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import keras  # noqa: E402
 
-tf.get_logger().setLevel("ERROR")   # retracing warnings: every method has its own function
-
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-try:
-    import tf_membptt  # noqa: E402
-except ImportError:  # run from a checkout without installing: use the checkout
-    sys.path.insert(0, str(REPO_ROOT))
-    import tf_membptt  # noqa: E402
+from _bench import REPO_ROOT, log, reserve_allocator, timed_run  # noqa: E402
 from tf_membptt import MemoryEfficientRNN  # noqa: E402
 
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
@@ -239,17 +232,6 @@ class ForwardOnly:
         return timed_run(lambda: self.step(x).numpy())
 
 
-def timed_run(fn):
-    """Runs fn() synchronously: (seconds, activation bytes, its result)."""
-    before = tf.config.experimental.get_memory_info("CPU:0")["current"]
-    tf.config.experimental.reset_memory_stats("CPU:0")
-    t0 = time.perf_counter()
-    value = fn()
-    seconds = time.perf_counter() - t0
-    peak = tf.config.experimental.get_memory_info("CPU:0")["peak"] - before
-    return seconds, int(peak), value
-
-
 def grad_rel_err(grads, ref):
     return max(float(np.linalg.norm(g - r) / max(np.linalg.norm(r), 1e-30))
                for g, r in zip(grads, ref))
@@ -311,10 +293,6 @@ class Clock:
 
     def left(self):
         return self.budget_s - (time.perf_counter() - self.start)
-
-
-def log(msg):
-    print(f"[{datetime.datetime.now():%H:%M:%S}] {msg}", flush=True)
 
 
 def bptt_bytes_estimate(args, mode, num_steps, known_alpha, bytes_per_step):
@@ -807,10 +785,7 @@ def reserve_for_later(args, later, priority, current_is_priority, rate_of, clock
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.reserve_mib > 0:
-        block = tf.raw_ops.Empty(shape=[args.reserve_mib * 2 ** 18], dtype=tf.float32,
-                                 init=False)
-        del block
+    reserve_allocator(args.reserve_mib)
     out = pathlib.Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     clock = Clock(args.time_budget)

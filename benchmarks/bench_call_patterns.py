@@ -39,41 +39,16 @@ import pathlib  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import keras  # noqa: E402
 
-tf.get_logger().setLevel("ERROR")
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-try:
-    import tf_membptt  # noqa: E402
-except ImportError:  # run from a checkout without installing: use the checkout
-    sys.path.insert(0, str(REPO_ROOT))
-    import tf_membptt  # noqa: E402
+from _bench import REPO_ROOT, log, reserve_allocator, timed_run  # noqa: E402
 from tf_membptt import MemoryEfficientRNN  # noqa: E402
 
 PATTERNS = ("model.fit", "loop, training=True", "loop, no training", "loop, training=False",
             "outer tape")
-
-
-def log(message):
-    print(f"[{datetime.datetime.now():%H:%M:%S}] {message}", flush=True)
-
-
-def measure(fn):
-    """(seconds, activation bytes) of one synchronous call."""
-    before = tf.config.experimental.get_memory_info("CPU:0")["current"]
-    tf.config.experimental.reset_memory_stats("CPU:0")
-    t0 = time.perf_counter()
-    result = fn()
-    for value in tf.nest.flatten(result):
-        if hasattr(value, "numpy"):
-            value.numpy()
-    seconds = time.perf_counter() - t0
-    peak = tf.config.experimental.get_memory_info("CPU:0")["peak"] - before
-    return seconds, int(peak)
 
 
 def make_model(cell, standard, budget, num_steps, features, batch):
@@ -131,9 +106,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.quick:
         args.num_steps, args.units = 200, 64
-    if args.reserve_mib:
-        block = tf.zeros([args.reserve_mib * 2 ** 18])
-        del block
+    reserve_allocator(args.reserve_mib)
     rng = np.random.default_rng(0)
     x = tf.constant(rng.standard_normal((args.batch, args.num_steps, args.features))
                     .astype(np.float32))
@@ -148,7 +121,7 @@ def main(argv=None):
                                     args.features, args.batch)
             step = step_function(pattern, model, x, y)
             step()  # warm-up: trace, optimizer slots
-            times, peaks = zip(*(measure(step) for _ in range(args.rounds)))
+            times, peaks, _ = zip(*(timed_run(step) for _ in range(args.rounds)))
             key = "keras" if standard else "membptt"
             entry[key] = {"time_s": statistics.median(times),
                           "activation_bytes": int(statistics.median(peaks)),

@@ -38,9 +38,8 @@ import tensorflow as tf  # noqa: E402
 import keras  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+from _bench import timed_run  # noqa: E402  (this folder is on sys.path when run)
 from tf_membptt import MemoryEfficientRNN  # noqa: E402
-from bench_bptt import timed_run  # noqa: E402  (this folder is on sys.path when run)
 
 UNITS, BATCH, FEATURES, BUDGET = 512, 32, 32, "32MiB"
 

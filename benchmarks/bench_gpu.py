@@ -44,21 +44,8 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import keras  # noqa: E402
 
-tf.get_logger().setLevel("ERROR")
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-try:
-    import tf_membptt  # noqa: E402
-except ImportError:  # run from a checkout without installing: use the checkout
-    sys.path.insert(0, str(REPO_ROOT))
-    import tf_membptt  # noqa: E402
+from _bench import MiB, REPO_ROOT, log, timed_run  # noqa: E402
 from tf_membptt import MemoryEfficientRNN  # noqa: E402
-
-MiB = 2 ** 20
-
-
-def log(message):
-    print(f"[{datetime.datetime.now():%H:%M:%S}] {message}", flush=True)
-
 
 def device():
     """('GPU:0', name) on a CUDA machine, else ('CPU:0', processor)."""
@@ -132,13 +119,7 @@ def run_config(mode, num_steps, args, dev, budget_for, clock):
     for r in range(args.rounds):
         order = list(steps)
         for method in order[r % len(order):] + order[:r % len(order)]:
-            before = tf.config.experimental.get_memory_info(dev)["current"]
-            tf.config.experimental.reset_memory_stats(dev)
-            t0 = time.perf_counter()
-            for g in steps[method](x):
-                g.numpy()
-            seconds = time.perf_counter() - t0
-            peak = tf.config.experimental.get_memory_info(dev)["peak"] - before
+            seconds, peak, _ = timed_run(lambda: steps[method](x), dev)
             entry["methods"][method]["times_s"].append(seconds)
             entry["methods"][method]["peaks_bytes"].append(int(peak))
     base = entry["methods"].get("keras.layers.RNN")

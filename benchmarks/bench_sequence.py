@@ -46,19 +46,12 @@ import pathlib  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import keras  # noqa: E402
 
-tf.get_logger().setLevel("ERROR")
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-try:
-    import tf_membptt  # noqa: E402
-except ImportError:  # run from a checkout without installing: use the checkout
-    sys.path.insert(0, str(REPO_ROOT))
-    import tf_membptt  # noqa: E402
+from _bench import MiB, REPO_ROOT, log, reserve_allocator, timed_run  # noqa: E402
 from tf_membptt import MemoryEfficientRNN  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location(
@@ -67,26 +60,9 @@ charlm = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(charlm)
 
 UNITS, EMBED, BATCH, FEATURES = 128, 32, 16, 32
-MiB = 2 ** 20
-
-
-def log(message):
-    print(f"[{datetime.datetime.now():%H:%M:%S}] {message}", flush=True)
-
-
-def measure(fn):
-    before = tf.config.experimental.get_memory_info("CPU:0")["current"]
-    tf.config.experimental.reset_memory_stats("CPU:0")
-    t0 = time.perf_counter()
-    for value in tf.nest.flatten(fn()):
-        value.numpy()
-    seconds = time.perf_counter() - t0
-    return seconds, int(tf.config.experimental.get_memory_info("CPU:0")["peak"] - before)
-
-
 def medians(fn, rounds):
     fn()  # warm-up: trace, optimizer slots
-    times, peaks = zip(*(measure(fn) for _ in range(rounds)))
+    times, peaks, _ = zip(*(timed_run(fn) for _ in range(rounds)))
     return statistics.median(times), int(statistics.median(peaks))
 
 
@@ -290,9 +266,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     BATCH = args.batch
     lengths = [300] if args.quick else [int(t) for t in args.lengths.split(",")]
-    if args.reserve_mib:
-        block = tf.zeros([args.reserve_mib * 2 ** 18])
-        del block
+    reserve_allocator(args.reserve_mib)
     train_text, _ = charlm.read_corpus(2_000_000, 1000)
     vocab = charlm.Vocabulary(train_text)
     data = (vocab.encode(train_text), len(vocab))

@@ -40,13 +40,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import keras  # noqa: E402
 
-tf.get_logger().setLevel("ERROR")
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-try:
-    import tf_membptt  # noqa: E402
-except ImportError:  # run from a checkout without installing: use the checkout
-    sys.path.insert(0, str(REPO_ROOT))
-    import tf_membptt  # noqa: E402
+from _bench import REPO_ROOT, log  # noqa: E402
 from tf_membptt import MemoryEfficientRNN  # noqa: E402
 
 CONFIGS = {
@@ -60,10 +54,6 @@ CONFIGS = {
 }
 BUDGETS = (1.0, 0.05)
 GRAD_RTOL = 1e-4
-
-
-def log(message):
-    print(f"[{datetime.datetime.now():%H:%M:%S}] {message}", flush=True)
 
 
 def make_step(layer, variables, jit, with_tape=True):
@@ -190,12 +180,13 @@ def write(results, out_dir, args, machine_info=None, stem="speed"):
     ]
     for e in results:
         b = e["budgets"]
+        backward_ratio, recompute_ratio = split(e)
         lines.append(
             f"| {e['label']} | {e['mode']} | {e['medians_s']['keras.layers.RNN'] * 1e3:.0f} ms "
             f"| {e['beta_measured']:.2f} | {b['100%']['ratio']:.2f}x | "
             f"{b['100%']['predicted']:.2f}x | {b['5%']['ratio']:.2f}x | "
             f"{b['5%']['predicted']:.2f}x | {b['5%']['forward_evals']} | "
-            f"{split(e)[0]:.2f}x | {split(e)[1]:.2f}x |")
+            f"{backward_ratio:.2f}x | {recompute_ratio:.2f}x |")
     (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
 
