@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import List, Optional, Sequence
 
 import keras
 import tensorflow as tf

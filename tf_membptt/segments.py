@@ -115,9 +115,6 @@ def compile_plan(plan: Plan) -> Segments:
                                         (kind == OpKind.RESTORE)
                                         | (kind == OpKind.BACKWARD_STORED)
                                         | (kind == OpKind.FREE))
-    # -1: h_0 (slot 0, never stored by an op)
-    content_kind = np.where(content_row >= 0, kind[np.maximum(content_row, 0)],
-                            OpKind.STORE_HIDDEN)
 
     # A state stored and never read (e.g. h_{T-1} when hsm stores every hidden state) is
     # not stored at all: nothing changes but the memory, which only goes down.

@@ -18,7 +18,7 @@ asked for (`_first_order_only`).
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional
+from typing import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -192,6 +192,14 @@ def _recomputed_gradients(program, plan, step_inputs, carry, d_result, d_final_c
     store, segments_ = make_store(program, plan, in_xla_context())
     _, _, final_carry, state = sweeps.forward_sweep(
         program, store, store.locations, step_inputs, carry, False, plan.num_steps)
+    return _plan_gradient(program, plan, store, segments_, step_inputs, state, final_carry,
+                          d_final_carry, d_result, return_sequences, need_dx)
+
+
+def _plan_gradient(program, plan, store, segments_, step_inputs, state, final_carry,
+                   d_final_carry, d_result, return_sequences, need_dx):
+    """`sweeps.backward_sweep` for this plan: `d_result` is the gradient of the output
+    sequence with `return_sequences`, else of the last output."""
     return sweeps.backward_sweep(
         program, store, store.locations, segments_, step_inputs, state, final_carry,
         d_final_carry, d_result if return_sequences else None,
@@ -226,10 +234,9 @@ def run_planned(program: StepProgram, plan, inputs: sweeps.StepInputs, carry0,
                                         return_sequences, plan.num_steps)
 
         def backward(state, step_inputs, final_carry, d_result, d_final_carry):
-            return sweeps.backward_sweep(
-                program, store, store.locations, segments_, step_inputs, state, final_carry,
-                d_final_carry, d_result if return_sequences else None,
-                None if return_sequences else d_result, need_dx, in_flight(program, plan))
+            return _plan_gradient(program, plan, store, segments_, step_inputs, state,
+                                  final_carry, d_final_carry, d_result, return_sequences,
+                                  need_dx)
 
     def gradient(saved, step_inputs, carry, final_carry, d_result, d_final_carry):
         if _in_save_context():
@@ -353,11 +360,10 @@ def _eager_sweeps(program, plan, store, segments_, return_sequences, need_dx, in
     @tf.function(autograph=False)
     def backward(xs, sides, params, constants, flows, final_carry, d_final_carry,
                  d_outputs, d_last):
-        dxs, d_carry0, d_params = sweeps.backward_sweep(
-            program, store, locations, segments_, step_inputs(xs, sides, params, constants),
+        dxs, d_carry0, d_params = _plan_gradient(
+            program, plan, store, segments_, step_inputs(xs, sides, params, constants),
             store.from_flows(flows), list(final_carry), list(d_final_carry),
-            d_outputs if return_sequences else None,
-            None if return_sequences else d_last, need_dx, in_flight(program, plan))
+            d_outputs if return_sequences else d_last, return_sequences, need_dx)
         return (dxs if need_dx else tf.zeros([0])), d_carry0, d_params
 
     def forward_call(*args):

@@ -25,7 +25,7 @@ calls the store, with no branch on the op kind.
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Optional, Sequence
+from typing import List
 
 import numpy as np
 import tensorflow as tf

@@ -23,7 +23,7 @@ Graph size and trace time do not depend on ``T``: the tables are constants.
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Optional
+from typing import List
 
 import numpy as np
 import tensorflow as tf
