@@ -1,0 +1,148 @@
+"""What one store write costs an evaluation under XLA on the CPU.
+
+    python benchmarks/bench_xla_store_write.py            # ~2 min on 2 cores
+    python benchmarks/bench_xla_store_write.py --units 32,128 --rounds 9
+
+A loop of T = 1000 hand-written LSTM steps (batch 32, 32 input features) compiled with
+`tf.function(jit_compile=True)`, with nothing but the cell in the loop body, then with one
+write per step of what `StackStore` writes for an `LSTMCell` (the internal state: previous
+hidden and cell state and the gates' pre-activations, ``[32, 6 * units]``) into a flat
+loop-carried buffer at an offset read from a table, and with each part of it on its own.
+Variants:
+
+* ``no write``: the cell only;
+* ``internal state``: ``concat(h_prev, c_prev, z)`` at one offset (the layer's write);
+* ``carry only`` / ``pre-activations only``: ``concat(h_prev, c_prev)`` / ``z`` alone;
+* ``time-major buffers``: the two parts into two ``[slots, batch, width]`` buffers at
+  ``[slot, 0, 0]`` (the layout of TensorFlow's own while-loop gradient).
+
+XLA reads its flags once per process, so a comparison across XLA flags (the README quotes
+one) takes two runs of this script with different ``XLA_FLAGS``.
+
+Times are medians over alternated rounds (each round runs every variant 3 times), in
+microseconds per step. Writes ``<out-dir>/xla_store_write.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from _bench import REPO_ROOT, log  # noqa: E402
+from bench_speed import machine  # noqa: E402
+
+BATCH, FEATURES, SLOTS = 32, 32, 64
+VARIANTS = ("no write", "internal state", "carry only", "pre-activations only",
+            "time-major buffers")
+
+
+def make_loop(units, variant, num_steps):
+    from tensorflow.compiler.tf2xla.python import xla
+
+    rng = np.random.default_rng(0)
+    kernel = tf.constant(rng.standard_normal((FEATURES, 4 * units)) * 0.1, tf.float32)
+    recurrent = tf.constant(rng.standard_normal((units, 4 * units)) * 0.1, tf.float32)
+    bias = tf.zeros([4 * units])
+    slot = tf.constant(rng.integers(0, SLOTS, num_steps).astype(np.int32))
+    width = 6 * units
+
+    def cell(x, h, c):
+        z = x @ kernel + h @ recurrent + bias
+        i, f, g, o = tf.split(z, 4, axis=1)
+        c = tf.sigmoid(f) * c + tf.sigmoid(i) * tf.tanh(g)
+        return tf.sigmoid(o) * tf.tanh(c), c, z
+
+    def buffers():
+        if variant == "no write":
+            return (tf.zeros([1]),)
+        if variant == "time-major buffers":
+            return (tf.zeros([SLOTS, BATCH, 2 * units]), tf.zeros([SLOTS, BATCH, 4 * units]))
+        return (tf.zeros([BATCH, (SLOTS + 1) * width]),)
+
+    def write(buffer, t, h_prev, c_prev, z):
+        def at(value, begin):
+            return xla.dynamic_update_slice(buffer[0], value, tf.stack(begin))
+
+        if variant == "internal state":
+            return (at(tf.concat([h_prev, c_prev, z], 1), [0, slot[t] * width]),)
+        if variant == "carry only":
+            return (at(tf.concat([h_prev, c_prev], 1), [0, slot[t] * width]),)
+        if variant == "pre-activations only":
+            return (at(z, [0, slot[t] * width]),)
+        if variant == "time-major buffers":
+            carry = xla.dynamic_update_slice(buffer[0], tf.concat([h_prev, c_prev], 1)[None],
+                                             tf.stack([slot[t], 0, 0]))
+            gates = xla.dynamic_update_slice(buffer[1], z[None], tf.stack([slot[t], 0, 0]))
+            return carry, gates
+        return buffer
+
+    @tf.function(jit_compile=True)
+    def loop(xs):
+        def body(t, buffer, h, c):
+            h_new, c_new, z = cell(tf.gather(xs, t, axis=1), h, c)
+            return t + 1, write(buffer, t, h, c, z), h_new, c_new
+
+        h = c = tf.zeros([BATCH, units])
+        _, buffer, h, _ = tf.while_loop(lambda t, *_: t < num_steps, body,
+                                        (0, buffers(), h, c), maximum_iterations=num_steps)
+        return h + sum(tf.reduce_sum(b) for b in buffer)
+
+    return loop
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--units", default="32,128")
+    parser.add_argument("--num-steps", "-T", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--out-dir", type=pathlib.Path,
+                        default=REPO_ROOT / "benchmarks" / "results")
+    args = parser.parse_args(argv)
+    results = []
+    for units in [int(u) for u in args.units.split(",")]:
+        xs = tf.random.normal([BATCH, args.num_steps, FEATURES])
+        loops = {v: make_loop(units, v, args.num_steps) for v in VARIANTS}
+        for loop in loops.values():
+            loop(xs).numpy()  # compile
+        times = {v: [] for v in VARIANTS}
+        for r in range(args.rounds):
+            for v in VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]:
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    loops[v](xs).numpy()
+                    times[v].append((time.perf_counter() - t0) / args.num_steps * 1e6)
+        medians = {v: statistics.median(t) for v, t in times.items()}
+        log(f"units {units}: " + ", ".join(f"{v} {m:.1f} us" for v, m in medians.items()))
+        results.append({"units": units, "us_per_step": medians, "samples": times})
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()},
+               "results": results}
+    (args.out_dir / "xla_store_write.json").write_text(json.dumps(payload, indent=1))
+    m = payload["machine"]
+    lines = ["# One store write per evaluation under XLA on the CPU", "",
+             f"Run {m['date']} on {m['cpus']} CPUs ({m['processor']}), TensorFlow "
+             f"{m['tensorflow']}. `python benchmarks/bench_xla_store_write.py`: T = "
+             f"{args.num_steps}, batch {BATCH}, {FEATURES} features, {args.rounds} alternated "
+             "rounds of 3 calls, medians, microseconds per step (see the script's docstring "
+             "for the variants).", "",
+             "| units | " + " | ".join(VARIANTS) + " |",
+             "|---:|" + "---:|" * len(VARIANTS)]
+    for r in results:
+        base = r["us_per_step"]["no write"]
+        lines.append(f"| {r['units']} | " + " | ".join(
+            f"{r['us_per_step'][v]:.1f} ({r['us_per_step'][v] / base:.2f}x)"
+            for v in VARIANTS) + " |")
+    (args.out_dir / "xla_store_write.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
