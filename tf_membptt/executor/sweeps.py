@@ -107,10 +107,10 @@ def forward_sweep(program, store, locations: st.Locations, inputs: StepInputs, c
     """The first sweep: ``(last_output, outputs, final_carry, store_state)``; `outputs`
     is batch-major, in processing order (or None).
 
-    When the plan stores after few of the steps (`_sparse_stores`), the steps between two
-    stores run in an inner loop that touches no store at all, and only the storing steps
-    write (`_forward_in_runs`); otherwise one loop writes at every step (to the scratch
-    entry when the step stores nothing), which is the cheaper shape when most steps store.
+    Under XLA, when the plan stores after few of the steps (`_runs_pay_off`), the steps
+    between two stores run in an inner loop that touches no store at all, and only the
+    storing steps write (`_forward_in_runs`); otherwise one loop writes at every step (to
+    the scratch entry when the step stores nothing).
     """
     output_spec = program.output_spec
     sequence = OutputSequence(output_spec, inputs.batch, num_steps, store.xla)
@@ -119,7 +119,7 @@ def forward_sweep(program, store, locations: st.Locations, inputs: StepInputs, c
                            output_spec.dtype)
     state = store.empty(carry0, inputs.batch)
     storing = np.flatnonzero(locations.first_sweep[:, st.FIRST_KIND] != seg.NOTHING)
-    if _sparse_stores(len(storing), num_steps):
+    if _runs_pay_off(len(storing), num_steps, store.xla):
         run = _forward_in_runs
     else:
         run = _forward_writing_every_step
@@ -131,15 +131,20 @@ def forward_sweep(program, store, locations: st.Locations, inputs: StepInputs, c
             final_carry, state)
 
 
-def _sparse_stores(num_storing: int, num_steps: int) -> bool:
+def _runs_pay_off(num_storing: int, num_steps: int, xla: bool) -> bool:
     """Whether the first sweep runs as runs of non-storing steps between storing ones.
 
-    Under XLA an evaluation that writes a flat buffer costs about twice one that does not
-    (measured: LSTMCell(32), batch 32, 12 against 25-30 us a step on 2 CPU cores, for any
-    buffer size or layout), and in graph mode each write is a few more ops per iteration;
-    but every run costs an inner loop's start, about one step. Runs pay off when at most
-    one step in four stores (a plan at 5% stores after 1 step in 20; at 100%, every step)."""
-    return num_storing * 4 <= num_steps
+    Under XLA an evaluation that writes a flat buffer costs up to about twice one that does
+    not (benchmarks/bench_xla_store_write.py: 1.8-1.9x for a hand-written LSTM loop on 2 CPU
+    cores, whatever the buffer's size or layout), but every run costs an inner loop's
+    start, about one step: runs pay off when at most one step in four stores (a plan at 5%
+    stores after 1 step in 20; at 100%, every step). Measured at 5%, T = 1000: LSTMCell(32)
+    1.58x -> 1.46x keras.layers.RNN's step, LSTMCell(128) 1.37x -> 1.26x, same memory.
+
+    Not in graph mode: there each run held one more hidden-state-sized tensor until the
+    gradient (measured, LSTMCell(512), T = 1000, 5%: hsm 28.2 -> 46.1 MiB, msm 31.5 -> 36.6
+    MiB, one carry per storing step), for a gain of 2-4% in step time."""
+    return xla and num_storing * 4 <= num_steps
 
 
 def _forward_writing_every_step(program, store, locations, inputs, carry0, state, outputs,
@@ -374,16 +379,22 @@ def _segment_loop(program, store, locations, segments_, inputs, state, d_carry, 
     return (join(result[1]),) + tuple(result[2:])
 
 
-def in_flight_backwards(param_bytes: float, stored_bytes: float, limit: int = 10) -> int:
+def in_flight_backwards(param_bytes: float, stored_bytes: float, limit: int = 10,
+                        max_extra_bytes: float = 2 ** 20) -> int:
     """How many backward steps may run at once.
 
     A step's gradients with respect to the params are off the critical path (the next
     backward needs only the carry's gradient): with one step at a time, TensorFlow waits for
     them before starting the next step, which left CPU cores idle (measured: LSTMCell(32)
     at T = 1000 with nothing recomputed, 1.34x keras.layers.RNN's step time with one step
-    at a time, 1.03x with ten). But each step in flight holds its own copy of the params'
-    gradients until it is summed, so the count is the largest that keeps those copies
-    within a quarter of the stored states' bytes (at least 1, at most `limit`)."""
+    at a time, 1.03x with ten; LSTMCell(128) at 5%, 1.65x with one, 1.40x with four). But
+    each step in flight holds its own copy of the params' gradients until it is summed, so
+    the extra copies are kept within a quarter of the stored states' bytes and within
+    `max_extra_bytes` (at least 1 step, at most `limit`). The second bound matters for large
+    cells, whose steps are long enough to keep the cores busy on their own: LSTMCell(512) at
+    10%, three steps in flight held 4.6 MiB more at the peak (1.14x the predicted step
+    memory) and ran 3.7% faster than one (5 alternated rounds)."""
     if param_bytes <= 0:
         return limit
-    return int(max(1, min(limit, 1 + (0.25 * stored_bytes) // param_bytes)))
+    extra = min(0.25 * stored_bytes, max_extra_bytes)
+    return int(max(1, min(limit, 1 + extra // param_bytes)))
