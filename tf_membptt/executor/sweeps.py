@@ -380,21 +380,23 @@ def _segment_loop(program, store, locations, segments_, inputs, state, d_carry, 
 
 
 def in_flight_backwards(param_bytes: float, stored_bytes: float, limit: int = 10,
-                        max_extra_bytes: float = 2 ** 20) -> int:
+                        small_cell_bytes: float = 2 ** 20) -> int:
     """How many backward steps may run at once.
 
     A step's gradients with respect to the params are off the critical path (the next
     backward needs only the carry's gradient): with one step at a time, TensorFlow waits for
-    them before starting the next step, which left CPU cores idle (measured: LSTMCell(32)
-    at T = 1000 with nothing recomputed, 1.34x keras.layers.RNN's step time with one step
-    at a time, 1.03x with ten; LSTMCell(128) at 5%, 1.65x with one, 1.40x with four). But
-    each step in flight holds its own copy of the params' gradients until it is summed, so
-    the extra copies are kept within a quarter of the stored states' bytes and within
-    `max_extra_bytes` (at least 1 step, at most `limit`). The second bound matters for large
-    cells, whose steps are long enough to keep the cores busy on their own: LSTMCell(512) at
-    10%, three steps in flight held 4.6 MiB more at the peak (1.14x the predicted step
-    memory) and ran 3.7% faster than one (5 alternated rounds)."""
+    them before starting the next step, which leaves CPU cores idle when steps are short
+    (measured: LSTMCell(32) at T = 1000 with nothing recomputed, 1.34x keras.layers.RNN's
+    step time with one step at a time, 1.03x with ten; LSTMCell(128) at 5%, 1.65x with one,
+    1.40x with four). But each step in flight holds its own copy of the params' gradients
+    until it is summed, memory the plan does not count. So the extra copies may always use
+    a twentieth of the stored states' bytes (which keeps the whole step within a few percent
+    of the plan's prediction), and up to a quarter of them when they total at most
+    `small_cell_bytes` (small cells, where the concurrency pays). Measured, LSTMCell(512),
+    T = 1000, 10%: three steps in flight held 4.6 MiB more at the peak (1.14x the predicted
+    step memory) than one; 5 alternated rounds ran 3.7% faster. At least 1, at most
+    `limit`."""
     if param_bytes <= 0:
         return limit
-    extra = min(0.25 * stored_bytes, max_extra_bytes)
+    extra = max(stored_bytes / 20, min(stored_bytes / 4, small_cell_bytes))
     return int(max(1, min(limit, 1 + extra // param_bytes)))
