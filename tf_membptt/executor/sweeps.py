@@ -147,6 +147,17 @@ def _runs_pay_off(num_storing: int, num_steps: int, xla: bool) -> bool:
     return xla and num_storing * 4 <= num_steps
 
 
+def _evaluate(program, inputs, sequence, return_sequences, t, outputs, carry):
+    """Step ``t + 1`` of the first sweep: ``(output, new_carry, internal, outputs)``, its
+    output written into `outputs` when the layer returns sequences."""
+    x, sides = inputs.at(t)
+    output, new_carry, internal = program.forward(x, sides, list(carry), inputs.params,
+                                                  inputs.constants)
+    if return_sequences:
+        outputs = sequence.write(outputs, t, output)
+    return output, new_carry, internal, outputs
+
+
 def _forward_writing_every_step(program, store, locations, inputs, carry0, state, outputs,
                                 last_output, sequence, return_sequences, num_steps,
                                 storing):
@@ -155,13 +166,10 @@ def _forward_writing_every_step(program, store, locations, inputs, carry0, state
     varying, join = store.split(state, changed)
 
     def body(t, varying, outputs, last_output, *carry):
-        x, sides = inputs.at(t)
-        output, new_carry, internal = program.forward(x, sides, list(carry), inputs.params,
-                                                      inputs.constants)
+        output, new_carry, internal, outputs = _evaluate(
+            program, inputs, sequence, return_sequences, t, outputs, carry)
         state = store.after_evaluation(join(varying), tf.unstack(table[t]), new_carry,
                                        internal, first_sweep=True)
-        if return_sequences:
-            outputs = sequence.write(outputs, t, output)
         return (t + 1, store.split(state, changed)[0], outputs, output) + tuple(new_carry)
 
     result = tf.while_loop(lambda t, *_: t < num_steps, body,
@@ -178,16 +186,14 @@ def _forward_in_runs(program, store, locations, inputs, carry0, state, outputs, 
     with its write; the steps after the last storing one close the sweep. Same evaluations
     in the same order as `_forward_writing_every_step`; only the scratch writes are gone."""
     rows = tf.constant(locations.first_sweep[storing]) if len(storing) else None
-    positions = tf.constant(storing.astype(np.int32))
+    # Run k covers steps run_begins[k]..storing[k]-1 (tables: no index arithmetic in the
+    # loop, which XLA's CPU runtime would schedule as separate kernels).
+    run_begins = np.concatenate([[0], storing[:-1] + 1]).astype(np.int32)
+    positions, begins = tf.constant(storing.astype(np.int32)), tf.constant(run_begins)
     longest_run = int(np.max(np.diff(np.concatenate([[-1], storing, [num_steps]])))) - 1
 
     def evaluate(t, outputs, carry):
-        x, sides = inputs.at(t)
-        output, new_carry, internal = program.forward(x, sides, list(carry), inputs.params,
-                                                      inputs.constants)
-        if return_sequences:
-            outputs = sequence.write(outputs, t, output)
-        return output, new_carry, internal, outputs
+        return _evaluate(program, inputs, sequence, return_sequences, t, outputs, carry)
 
     def advance(begin, end, outputs, last_output, carry):
         """Steps ``begin..end-1``, storing nothing."""
@@ -206,8 +212,8 @@ def _forward_in_runs(program, store, locations, inputs, carry0, state, outputs, 
     if len(storing):
         def body(k, varying, outputs, last_output, *carry):
             step = positions[k]
-            begin = tf.where(k > 0, positions[tf.maximum(k - 1, 0)] + 1, 0)
-            outputs, last_output, carry = advance(begin, step, outputs, last_output, carry)
+            outputs, last_output, carry = advance(begins[k], step, outputs, last_output,
+                                                  carry)
             output, new_carry, internal, outputs = evaluate(step, outputs, carry)
             state = store.after_evaluation(join(varying), tf.unstack(rows[k]), new_carry,
                                            internal, first_sweep=True)
