@@ -133,6 +133,38 @@ def test_xla_dynamic_update_slice_import():
     assert callable(xla.dynamic_update_slice)
 
 
+def _sums_after_grappler(tag_sums):
+    """The op types that compute ``a @ w + sin(a) + cos(a)`` in a `tf.function` after
+    grappler (the graph TensorFlow runs, from the run metadata)."""
+    from tensorflow.python.eager import context
+
+    w = tf.ones([4, 4])
+
+    @tf.function
+    def f(a):
+        y = tf.tanh(a @ w + tf.sin(a) + tf.cos(a))
+        if tag_sums:
+            step_program._keep_sums_in_order(tf.compat.v1.get_default_graph())
+        return y
+
+    context.enable_run_metadata()
+    try:
+        f(tf.ones([3, 4]))
+        metadata = context.export_run_metadata()
+    finally:
+        context.disable_run_metadata()
+    return sorted(node.op for graph in metadata.function_graphs
+                  for node in graph.post_optimization_graph.node if node.op.startswith("Add"))
+
+
+def test_grappler_keeps_tagged_sums_apart():
+    """`step_program._keep_sums_in_order` (the attribute grappler's arithmetic optimizer
+    tags its own rewrites with): without it the layer's graph-mode results change in the
+    last bits from run to run (`test_contract.test_same_bits_at_every_run`)."""
+    assert _sums_after_grappler(tag_sums=False) == ["AddN"]  # the rewrite it prevents
+    assert _sums_after_grappler(tag_sums=True) == ["AddV2", "AddV2"]
+
+
 def test_keras_rnn_calls_the_cell_once_before_its_loop():
     """The layer reproduces keras.layers.RNN's extra time-zero call of the cell (it keeps
     variable updates: a seed generator advances one draw, a counter counts). If Keras

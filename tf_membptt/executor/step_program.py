@@ -200,12 +200,16 @@ class StepProgram:
             targets = [x] + [carry[k] for k in diff] + [
                 p for p, d in zip(params, sig.param_differentiable) if d]
             ys = [output] + [new_carry[k] for k in diff]
+            # Gradients of a tensor used several times are summed two at a time (see
+            # `_keep_sums_in_order`).
             if output.dtype.is_floating:
                 grads = tf.gradients(ys, targets, grad_ys=[d_output] + d_carry,
-                                     unconnected_gradients=tf.UnconnectedGradients.ZERO)
+                                     unconnected_gradients=tf.UnconnectedGradients.ZERO,
+                                     aggregation_method=_PAIRWISE)
             else:  # a non-float output gets no gradient
                 grads = tf.gradients(ys[1:], targets, grad_ys=d_carry,
-                                     unconnected_gradients=tf.UnconnectedGradients.ZERO)
+                                     unconnected_gradients=tf.UnconnectedGradients.ZERO,
+                                     aggregation_method=_PAIRWISE)
             if not sig.input_differentiable:
                 grads = [tf.zeros([0], tf.float32)] + list(grads[1:])
             ops = graph.get_operations()
@@ -220,6 +224,7 @@ class StepProgram:
         with _plain_cond_intermediates():
             wrapped = tf.compat.v1.wrap_function(traced, specs)
         _check_forward_ops(record["forward_ops"])
+        _keep_sums_in_order(wrapped.graph)
         constants, self.captured = [], []
         for external, internal in wrapped.graph.captures:
             if external.dtype == tf.resource:
@@ -595,6 +600,34 @@ def _plain_cond_intermediates():
         import contextlib
 
         return contextlib.nullcontext()
+
+
+_PAIRWISE = tf.AggregationMethod.EXPERIMENTAL_TREE
+# Grappler's arithmetic optimizer leaves alone the sums that carry this attribute (it tags
+# the nodes it has rewritten so as not to rewrite them twice). `tests/test_internals.py`
+# fails loudly if a TensorFlow release renames it.
+_ADD_OPS_REWRITTEN = "_grappler_ArithmeticOptimizer_AddOpsRewriteStage"
+
+
+def _keep_sums_in_order(graph):
+    """Keeps every sum of the step's functions a chain of two-term additions, so that a step
+    gives the same bits at every run.
+
+    TensorFlow's `AddN` kernel with three or more terms adds them starting from whichever
+    input buffer it can reuse, and whether it can depends on which of the other readers of
+    that input have already run: the order of the terms, so the rounding, changes from run
+    to run. In a step of this layer the inputs of a sum are often read elsewhere too (the
+    compact internal state stores ``h @ U`` and the like), and the order in which the store
+    and the sum read them is up to the scheduler. Measured: a cell computing ``h = tanh(a +
+    b + c)`` with ``b`` and ``c`` stored gave outputs 3e-7 and gradients 8e-6 apart between
+    runs of one compiled training step. A two-term sum is exact whichever order it takes. So
+    grappler must not merge additions into an `AddN` (`_ADD_OPS_REWRITTEN`), and gradients
+    are summed in pairs (`_PAIRWISE`). An `AddN` of three or more terms that the cell writes
+    itself (`tf.add_n`) keeps TensorFlow's behaviour."""
+    value = tf.compat.v1.AttrValue(b=True)
+    for op in graph.get_operations():
+        if op.type in ("Add", "AddV2", "AddN"):
+            op._set_attr(_ADD_OPS_REWRITTEN, value)
 
 
 def _call(function, args, constants):
