@@ -2,10 +2,10 @@
 at every step, and, under XLA when the plan stores after few steps, runs of steps that touch
 no store between the storing ones (graph mode can run them too; the layer does not, for
 memory). Both evaluate the same steps in the same order, so outputs, final
-states and gradients agree to float32 rounding (not always bit for bit: TensorFlow's graph
-optimizer may fuse the ops of a loop body that writes nothing differently, measured up to
-7e-7 on a custom cell), in graph mode and under XLA, and each agrees with
-keras.layers.RNN; the shape must follow the plan's stores and the mode."""
+states and gradients are the same bits, in graph mode and under XLA (before the step's sums
+were kept apart, `step_program._keep_sums_in_order`, they differed by up to 7e-7 on the
+nested cell), and each agrees with keras.layers.RNN; the shape must follow the plan's
+stores and the mode."""
 
 import keras
 import numpy as np
@@ -26,9 +26,8 @@ def _step(layer, weights, jit):
             outputs = tf.nest.flatten(outputs)
             # Position-dependent weights: every output element's gradient differs. Divided
             # by the 60 steps, so that the gradients are of order 1 like the parity tests'
-            # (summed over 60 steps they reached 25, where float32 rounding alone, and the
-            # graph-mode run-to-run spread noted in the README, can exceed the absolute
-            # tolerance on an element that cancels).
+            # (summed over 60 steps they reached 25, where float32 rounding alone can
+            # exceed the absolute tolerance on an element that cancels).
             loss = sum(tf.reduce_sum(o * tf.reshape(
                 tf.cast(tf.range(1, tf.size(o) + 1), o.dtype) / tf.cast(tf.size(o), o.dtype),
                 tf.shape(o))) for o in outputs) / 60.0
@@ -85,7 +84,7 @@ def test_runs_and_every_step_agree(monkeypatch, name, cell_factory, kwargs, jit)
     assert len(out_runs) == len(out_every) == len(out_keras)
     for a, b, k in zip(out_runs + grads_runs, out_every + grads_every,
                        out_keras + grads_keras):
-        np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL)
+        np.testing.assert_array_equal(a, b)
         np.testing.assert_allclose(a, k, rtol=RTOL, atol=ATOL)
 
 
