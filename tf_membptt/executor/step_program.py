@@ -620,10 +620,11 @@ def _keep_sums_in_order(graph):
     compact internal state stores ``h @ U`` and the like), and the order in which the store
     and the sum read them is up to the scheduler. Measured: a cell computing ``h = tanh(a +
     b + c)`` with ``b`` and ``c`` stored gave outputs 3e-7 and gradients 8e-6 apart between
-    runs of one compiled training step. A two-term sum is exact whichever order it takes. So
-    grappler must not merge additions into an `AddN` (`_ADD_OPS_REWRITTEN`), and gradients
-    are summed in pairs (`_PAIRWISE`). An `AddN` of three or more terms that the cell writes
-    itself (`tf.add_n`) keeps TensorFlow's behaviour."""
+    runs of one compiled training step. A sum of two terms gives the same bits in either
+    order (floating-point addition is commutative, not associative). So grappler must not
+    merge additions into an `AddN` (`_ADD_OPS_REWRITTEN`), and gradients are summed in pairs
+    (`_PAIRWISE`). An `AddN` of three or more terms that the cell writes itself (`tf.add_n`)
+    keeps TensorFlow's behaviour."""
     value = tf.compat.v1.AttrValue(b=True)
     for op in graph.get_operations():
         if op.type in ("Add", "AddV2", "AddN"):
