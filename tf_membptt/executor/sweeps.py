@@ -396,12 +396,12 @@ def in_flight_backwards(param_bytes: float, stored_bytes: float, limit: int = 10
     step time with one step at a time, 1.03x with ten; LSTMCell(128) at 5%, 1.65x with one,
     1.40x with four). But each step in flight holds its own copy of the params' gradients
     until it is summed, memory the plan does not count. So the extra copies may always use
-    a twentieth of the stored states' bytes (which keeps the whole step within a few percent
-    of the plan's prediction), and up to a quarter of them when they total at most
-    `small_cell_bytes` (small cells, where the concurrency pays). Measured, LSTMCell(512),
-    T = 1000, 10%: three steps in flight held 4.6 MiB more at the peak (1.14x the predicted
-    step memory) than one; 5 alternated rounds ran 3.7% faster. At least 1, at most
-    `limit`."""
+    a twentieth of the stored states' bytes (LSTMCell(512), T = 1000: the whole step measured
+    1.00-1.12x the plan's prediction from 10% budgets up), and up to a quarter of them when
+    they total at most `small_cell_bytes` (small cells, where the concurrency pays).
+    Measured, LSTMCell(512), T = 1000, 10%: three steps in flight held 4.6 MiB more at the
+    peak (1.14x the predicted step memory) than one; 5 alternated rounds ran 3.7% faster.
+    At least 1, at most `limit`."""
     if param_bytes <= 0:
         return limit
     extra = max(stored_bytes / 20, min(stored_bytes / 4, small_cell_bytes))
