@@ -1,10 +1,12 @@
 """What an internal state holds, and that the backward and restarts work from it.
 
-For the built-in gated cells an internal state stores the carry ``h_{i-1}`` and the
-recurrent matrix product (the *compact* layout): the gates, ``c_i`` and ``h_i`` are
-recomputed elementwise. Where that is not smaller (SimpleRNNCell), ``h_i`` and the
-residuals are stored. Either way the gradients equal standard BPTT's, including plans that
-restart the forward from a stored internal state."""
+For the built-in gated cells an internal state stores the carry ``h_{i-1}`` and what the
+gates follow from elementwise (the *compact* layout): the recurrent matrix product (under
+XLA, and for small tensors), or the gate activations (outside XLA, for tensors of at least
+`step_program.NEAREST_CUT_MIN_BYTES`); ``c_i`` and ``h_i`` are recomputed elementwise.
+Where that is not smaller (SimpleRNNCell), ``h_i`` and the residuals are stored. Either
+way the gradients equal standard BPTT's, including plans that restart the forward from a
+stored internal state."""
 
 import keras
 import numpy as np
@@ -14,6 +16,7 @@ import tensorflow as tf
 from layer_helpers import COUNTER, _increment, assert_all_close, run_parity
 from tf_membptt import MemoryEfficientRNN
 from tf_membptt import segments as seg
+from tf_membptt.executor import step_program
 
 
 def _program(layer):
@@ -156,3 +159,77 @@ def test_cell_ignoring_its_state(strategy):
     assert not program.compact and layer.step_alpha == 1.0
     assert [tuple(s.shape) for s in program.internal_specs] == [(2, 4)]  # h_i
     assert_all_close(expected, actual, "gradients")
+
+
+def _internal_shapes(layer):
+    return [tuple(s.shape) for s in _program(layer).internal_specs]
+
+
+@pytest.mark.parametrize("mode", ["graph", "eager", "xla"])
+def test_large_cells_store_gate_activations_outside_xla(mode):
+    """Outside XLA, components of at least `NEAREST_CUT_MIN_BYTES` per step: the smallest
+    set of tensors nearest the outputs (the four gate activations beside ``h_{i-1}`` and
+    ``c_{i-1}``); under XLA the walk's frontier (the pre-activation of the four gates).
+    Same bytes, so the same alpha and plan; the gradients are standard BPTT's."""
+    units, batch = 64, 32  # 64 * 32 * 4 bytes = 8 KiB per gate
+    assert units * batch * 4 >= step_program.NEAREST_CUT_MIN_BYTES
+    expected, actual, layer = run_parity("lstm", num_steps=60, budget=0.08, mode=mode,
+                                         units=units, batch=batch, features=3, seed=4)
+    assert layer.step_alpha == 3.0 and _program(layer).compact
+    if mode == "xla":
+        assert _internal_shapes(layer) == [(batch, units)] * 2 + [(batch, 4 * units)]
+    else:
+        assert _internal_shapes(layer) == [(batch, units)] * 6
+    assert _restarts_from_internal(layer.last_plan) > 0
+    if mode == "xla":
+        # At this size XLA fuses the two programs' sums differently: gradients agree to
+        # float32 rounding of sums over 32 x 60 terms (2.4e-5 relative, the same before
+        # the graph-mode layout existed), not to the suite's 1e-5.
+        for e, a in zip(expected[0] + expected[1], actual[0] + actual[1]):
+            np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-4)
+        return
+    assert_all_close(expected[0], actual[0], "outputs")
+    assert_all_close(expected[1], actual[1], "gradients")
+
+
+def test_small_components_keep_the_frontier(monkeypatch):
+    """Below `NEAREST_CUT_MIN_BYTES` per component (or with no static batch size) the
+    frontier is kept: more, smaller components would cost more store moves than the
+    backward's recomputation they save."""
+    _, _, layer = run_parity("lstm", num_steps=12, budget=0.3, units=6, batch=2)
+    assert _internal_shapes(layer) == [(2, 6), (2, 6), (2, 24)]
+    monkeypatch.setattr(step_program, "NEAREST_CUT_MIN_BYTES", 0)
+    _, _, layer = run_parity("lstm", num_steps=12, budget=0.3, units=6, batch=2)
+    assert _internal_shapes(layer) == [(2, 6)] * 6
+
+
+@pytest.mark.parametrize("cell_kind,components,frontier_alpha", [
+    # One vector of units each. GRU: h_{i-1}, the update and reset gates, the candidate's
+    # part of h_{i-1} @ U and the masked output (carried when masking) instead of h_{i-1},
+    # the carried output and all of h_{i-1} @ U (the same bytes); reset_after=False: the
+    # candidate's tanh instead of two parts of the product.
+    ("gru", 5, 2.5),
+    ("gru_v1", 5, 2.5),
+    # The walk's frontier stops at the first cheap op of each path; a minimum cut can sit
+    # later, where fewer bytes cross (alpha measured with the frontier in the test).
+    ("stacked", None, None),
+    ("nested", None, None),
+])
+def test_nearest_cut_gives_standard_gradients(monkeypatch, cell_kind, components,
+                                              frontier_alpha):
+    """The cut nearest the outputs for every component size (threshold 0), with restarts
+    from internal states: gradients equal standard BPTT's; alpha no larger than the walk's
+    frontier gives (smaller for some cells)."""
+    if frontier_alpha is None:
+        _, _, frontier_layer = run_parity(cell_kind, num_steps=30, budget=0.1, units=5,
+                                          seed=2, mask_kind="middle")
+    monkeypatch.setattr(step_program, "NEAREST_CUT_MIN_BYTES", 0)
+    expected, actual, layer = run_parity(cell_kind, num_steps=30, budget=0.1, units=5,
+                                         seed=2, mask_kind="middle")
+    if frontier_alpha is None:
+        assert layer.step_alpha < frontier_layer.step_alpha
+    else:
+        assert layer.step_alpha == frontier_alpha
+        assert len(_program(layer).internal_specs) == components
+    assert_all_close(expected[0], actual[0], "outputs")
+    assert_all_close(expected[1], actual[1], "gradients")

@@ -375,10 +375,11 @@ class MemoryEfficientRNN(keras.layers.RNN):
 
     def _program(self, step, signature, discovery):
         constant_specs = tuple(_spec(c, batched=False) for c in discovery.captured)
-        key = (id(step), signature, constant_specs)
+        xla = executor.in_xla_context()
+        key = (id(step), signature, constant_specs, xla)
         program = self._programs.get(key)
         if program is None:
-            program = executor.StepProgram(step, signature)
+            program = executor.StepProgram(step, signature, xla=xla)
             if [tuple(s.shape) for s in program.constant_specs] != \
                     [tuple(s.shape) for s in constant_specs]:
                 raise AssertionError("the cell captured different tensors in two traces")
