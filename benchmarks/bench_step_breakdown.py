@@ -42,7 +42,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -55,6 +54,7 @@ tf.config.threading.set_intra_op_parallelism_threads(1)
 import keras  # noqa: E402
 
 from _bench import REPO_ROOT, log  # noqa: E402
+from bench_speed import make_step, timed  # noqa: E402  (the same training step)
 from tf_membptt import MemoryEfficientRNN  # noqa: E402
 
 CONFIGS = {
@@ -67,21 +67,8 @@ BATCH, FEATURES = 32, 32
 _FRAME = re.compile(r"(?:body|then|else)/_\d+")
 
 
-def make_step(layer, variables):
-    @tf.function
-    def step(x):
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_sum(layer(x, training=True))
-        return tape.gradient(loss, variables)
-
-    return step
-
-
 def run_once(step, x):
-    t0 = time.perf_counter()
-    for value in step(x):
-        value.numpy()
-    return time.perf_counter() - t0
+    return timed(step, x)[0]
 
 
 def op_events(log_dir):
@@ -163,7 +150,7 @@ def run_config(name, budgets, num_steps, rounds):
     steps = {}
     for method, layer in layers.items():
         layer(x[:, :2])
-        steps[method] = make_step(layer, cell.trainable_variables)
+        steps[method] = make_step(layer, cell.trainable_variables, jit=False)
         run_once(steps[method], x)  # trace and warm up
     walls = {method: [] for method in steps}
     methods = list(steps)
