@@ -203,6 +203,21 @@ def test_small_components_keep_the_frontier(monkeypatch):
     assert _internal_shapes(layer) == [(2, 6)] * 6
 
 
+def test_unknown_batch_size_keeps_the_frontier():
+    """Without a static batch size a component's bytes per step are unknown: the frontier
+    is kept, whatever the cell's width."""
+    layer = MemoryEfficientRNN(keras.layers.LSTMCell(64), memory_budget=0.3)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 12, 3], tf.float32)])
+    def step(x):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(layer(x, training=True))
+        return tape.gradient(loss, layer.trainable_variables)
+
+    step(tf.random.normal([32, 12, 3]))
+    assert _internal_shapes(layer) == [(None, 64), (None, 64), (None, 256)]
+
+
 @pytest.mark.parametrize("cell_kind,components,frontier_alpha", [
     # One vector of units each. GRU: h_{i-1}, the update and reset gates, the candidate's
     # part of h_{i-1} @ U and the masked output (carried when masking) instead of h_{i-1},
