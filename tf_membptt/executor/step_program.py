@@ -84,7 +84,8 @@ _CHEAP_OPS = frozenset({
 # (static batch sizes only): each component is one more store write, read and free per
 # step, and for small tensors those cost more than the ops they save. Measured, graph mode,
 # T = 1000, 15 alternated rounds, step time / keras.layers.RNN's at 5%: 4 KiB components
-# (LSTMCell(32), batch 32; LSTMCell(16), batch 64) 1.31x -> 1.58x and 1.34x -> 1.50x;
+# (LSTMCell(32), batch 32; LSTMCell(16), batch 64) 1.31x -> 1.58x and 1.34x -> 1.50x (an
+# earlier pair of runs: 1.80x -> 1.73x and, run beside a test suite, 1.43x -> 1.67x);
 # 16 KiB (LSTMCell(128), GRUCell(128), batch 32) 1.46x -> 1.35x and 1.49x -> 1.42x;
 # 64 KiB (LSTMCell(512), 11 rounds) 1.44x -> 1.34x.
 NEAREST_CUT_MIN_BYTES = 8 * 1024
