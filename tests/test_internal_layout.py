@@ -193,7 +193,7 @@ def test_large_cells_store_gate_activations_outside_xla(mode):
 
 
 def test_small_components_keep_the_frontier(monkeypatch):
-    """Below `NEAREST_CUT_MIN_BYTES` per component (or with no static batch size) the
+    """Below `NEAREST_CUT_MIN_BYTES` per component on average (or with no static batch size) the
     frontier is kept: more, smaller components would cost more store moves than the
     backward's recomputation they save."""
     _, _, layer = run_parity("lstm", num_steps=12, budget=0.3, units=6, batch=2)

@@ -80,8 +80,8 @@ _CHEAP_OPS = frozenset({
 })
 
 # Outside XLA, the compact layout stores the tensors nearest the step's outputs (the
-# backward recomputes the least) when they hold at least this many bytes each, per step
-# (static batch sizes only): each component is one more store write, read and free per
+# backward recomputes the least) when they hold at least this many bytes per step on
+# average (static batch sizes only): each component is one more store write, read and free per
 # step, and for small tensors those cost more than the ops they save. Measured, graph mode,
 # T = 1000, 15 alternated rounds, step time / keras.layers.RNN's at 5%: 4 KiB components
 # (LSTMCell(32), batch 32; LSTMCell(16), batch 64) 1.31x -> 1.58x and 1.34x -> 1.50x (an
@@ -324,14 +324,12 @@ class StepProgram:
         recomputes_input = _expensive_input_work(c.depends_on_carry, c.depends_on_inputs)
         candidates = []
         for stop in (recomputes_input, None):
-            frontier = _cheap_frontier(targets, carry_ids, c.depends_on_carry, stop)
+            region, frontier = _cheap_region(targets, carry_ids, c.depends_on_carry, stop)
             if not self.xla and batch is not None:
-                nearest = _cut_nearest_targets(targets, carry_ids, c.depends_on_carry, stop,
-                                               batch)
-                if nearest is not None and (
-                        _row_bytes(nearest, batch) <= _row_bytes(frontier, batch)
-                        and _row_bytes(nearest, batch) * batch
-                        >= NEAREST_CUT_MIN_BYTES * len(nearest)):
+                # A minimum cut: never more bytes than the frontier, itself a cut.
+                nearest = _cut_nearest_targets(region, frontier, targets, batch)
+                if nearest is not None and (_row_bytes(nearest, batch) * batch
+                                            >= NEAREST_CUT_MIN_BYTES * len(nearest)):
                     frontier = nearest
             frontier.sort(key=lambda t: (order.get(id(t.op), -1), t.value_index))
             if frontier and all(_storable(t, batch) for t in frontier):
@@ -566,50 +564,42 @@ def _depends_on(source_ids):
     return depends
 
 
-def _cheap_frontier(targets, carry_ids, depends, stop=None):
-    """The tensors the carry-dependent `targets` are computed from by cheap ops alone: walk
-    back from each target through `_CHEAP_OPS`, stopping at a carry input or the output of
-    an expensive op (and, with `stop`, at a cheap op for which ``stop(op)`` holds).
-    Tensors that do not depend on the carry are recomputed from the step's inputs and
-    params, so the walk ignores them (as the residuals layout does)."""
-    frontier, seen, pending = [], set(), list(targets)
+def _cheap_region(targets, carry_ids, depends, stop=None):
+    """``(region, frontier)``: the tensors the carry-dependent `targets` are computed from
+    by cheap ops alone (by id), and where that walk stops. The walk goes back from each
+    target through `_CHEAP_OPS`, stopping at a carry input or the output of an expensive op
+    (and, with `stop`, at a cheap op for which ``stop(op)`` holds); the frontier, the
+    tensors it stopped at, is one set the targets follow from. Tensors that do not depend
+    on the carry are recomputed from the step's inputs and params, so the walk ignores them
+    (as the residuals layout does)."""
+    region, frontier, pending = {}, [], list(targets)
     while pending:
         tensor = pending.pop()
-        if id(tensor) in seen or not depends(tensor):
+        if id(tensor) in region or not depends(tensor):
             continue
-        seen.add(id(tensor))
+        region[id(tensor)] = tensor
         # An op with control inputs is never recomputed: recomputing it would rerun them.
         if (id(tensor) in carry_ids or tensor.op.type not in _CHEAP_OPS
                 or tensor.op.control_inputs or (stop is not None and stop(tensor.op))):
             frontier.append(tensor)
         else:
             pending.extend(tensor.op.inputs)
-    return frontier
+    return region, frontier
 
 
-def _cut_nearest_targets(targets, carry_ids, depends, stop, batch):
-    """Of the sets of tensors from which the carry-dependent `targets` follow by cheap ops
+def _cut_nearest_targets(region, frontier, targets, batch):
+    """Of the sets of tensors of `region` from which the `targets` follow by cheap ops
     alone, one with the fewest bytes and, among those, the nearest the targets (so the
     backward recomputes the least from it); None when every such set holds a tensor an
     internal state cannot store.
 
-    The region is `_cheap_frontier`'s walk, and the frontier's tensors are the sources (a
-    carry input, an expensive op's output, ...). Each tensor of the region is a vertex whose
-    capacity is its bytes per batch row; a minimum vertex cut between the sources and the
-    targets is a maximum flow's (Edmonds-Karp: a step's region has tens of tensors), and
-    the cut nearest the targets is made of the vertices whose outgoing half can still
-    reach the targets in the residual graph while their incoming half cannot."""
-    region, sources, pending = {}, set(), list(targets)
-    while pending:
-        tensor = pending.pop()
-        if id(tensor) in region or not depends(tensor):
-            continue
-        region[id(tensor)] = tensor
-        if (id(tensor) in carry_ids or tensor.op.type not in _CHEAP_OPS
-                or tensor.op.control_inputs or (stop is not None and stop(tensor.op))):
-            sources.add(id(tensor))
-        else:
-            pending.extend(tensor.op.inputs)
+    `region` and `frontier` are `_cheap_region`'s; the frontier's tensors are the sources.
+    Each tensor of the region is a vertex whose capacity is its bytes per batch row; a
+    minimum vertex cut between the sources and the targets is a maximum flow's
+    (Edmonds-Karp: a step's region has tens of tensors), and the cut nearest the targets is
+    made of the vertices whose outgoing half can still reach the targets in the residual
+    graph while their incoming half cannot."""
+    sources = {id(t) for t in frontier}
     unlimited = float("inf")
     capacity, neighbours = {}, {}
 
