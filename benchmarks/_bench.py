@@ -7,13 +7,15 @@ imports this module:
 * `log`: a timestamped line, flushed at once (runs last minutes);
 * `timed_run`: one synchronous call's wall time and activation memory;
 * `reserve_allocator`: a large block allocated and freed, so that later requests are split
-  from a large free chunk instead of being rounded up to a whole one.
+  from a large free chunk instead of being rounded up to a whole one;
+* `code_commit`: the commit of the package measured.
 """
 
 from __future__ import annotations
 
 import datetime
 import pathlib
+import subprocess
 import sys
 import time
 
@@ -51,3 +53,18 @@ def reserve_allocator(mib):
     """Allocates and frees `mib` MiB (nothing when `mib` is 0)."""
     if mib > 0:  # the block is freed as soon as it is dropped
         tf.raw_ops.Empty(shape=[mib * 2 ** 18], dtype=tf.float32, init=False)
+
+
+def code_commit():
+    """The checkout's short commit, with ``+changes`` when `tf_membptt` differs from it;
+    None outside a git checkout."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                              check=True, timeout=10).stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        changed = git("status", "--porcelain", "--", "tf_membptt")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+changes" if changed else "")

@@ -75,7 +75,6 @@ import math  # noqa: E402
 import pathlib  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
@@ -83,7 +82,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import keras  # noqa: E402
 
-from _bench import REPO_ROOT, log, reserve_allocator, timed_run  # noqa: E402
+from _bench import REPO_ROOT, code_commit, log, reserve_allocator, timed_run  # noqa: E402
 from tf_membptt import MemoryEfficientRNN  # noqa: E402
 
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
@@ -534,11 +533,7 @@ def machine():
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
         cores = os.cpu_count()
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
-                                capture_output=True, text=True, timeout=10).stdout.strip()
-    except Exception:  # noqa: BLE001
-        commit = ""
+    commit = code_commit() or ""
     ram = available_ram_bytes()
     return {"cpu": cpu, "cores": cores, "tensorflow": tf.__version__,
             "keras": keras.__version__, "python": platform.python_version(),

@@ -39,7 +39,6 @@ import pathlib
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 
@@ -53,7 +52,7 @@ tf.config.threading.set_intra_op_parallelism_threads(1)
 
 import keras  # noqa: E402
 
-from _bench import REPO_ROOT, log  # noqa: E402
+from _bench import REPO_ROOT, code_commit, log  # noqa: E402
 from bench_speed import make_step, timed  # noqa: E402  (the same training step)
 from tf_membptt import MemoryEfficientRNN  # noqa: E402
 
@@ -185,23 +184,10 @@ def per_step_us(entry, place, num_steps):
     return seconds / count * 1e6 if count else 0.0
 
 
-def commit():
-    """The checkout's commit (with ``+changes`` when the tree differs from it), or None."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
-                              capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "tf_membptt"],
-                               cwd=REPO_ROOT, capture_output=True, text=True,
-                               check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + ("+changes" if dirty else "")
-
-
 def write(results, out_dir, args):
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {"args": vars(args), "date": datetime.date.today().isoformat(),
-               "commit": commit(),
+               "commit": code_commit(),
                "machine": {"platform": platform.platform(), "processor": platform.processor(),
                            "cpus": os.cpu_count(), "tensorflow": tf.__version__,
                            "keras": keras.__version__, "threads": "1 inter-op, 1 intra-op"},
