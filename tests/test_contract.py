@@ -33,6 +33,7 @@ from hypothesis import strategies as st
 from cell_zoo import ZOO
 from layer_helpers import initial_state_like, make_mask, weighted_loss
 from tf_membptt import MemoryEfficientRNN
+from tf_membptt.executor import step_program
 
 PATTERNS = ("fit", "loop_training", "loop_default", "tf_gradients", "eager", "xla")
 BATCH, FEATURES = 3, 4
@@ -208,6 +209,20 @@ def test_every_cell_without_training_argument(cell_name):
     """The pattern that used to run standard BPTT: a custom loop that does not say
     `training=True`."""
     _check_cell_in_pattern(cell_name, "loop_default")
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_gate_activation_layout_in_every_pattern(monkeypatch, pattern):
+    """Outside XLA, tensors of at least `NEAREST_CUT_MIN_BYTES` per step make the internal
+    state store the gate activations instead of the pre-activation; with the threshold at
+    0 the zoo's small LSTM gets that layout, and every call pattern still matches
+    keras.layers.RNN. Under XLA the pre-activation (4 x 4 units wide) stays."""
+    monkeypatch.setattr(step_program, "NEAREST_CUT_MIN_BYTES", 0)
+    layer = check_case("lstm", pattern, num_steps=7, mask_kind="middle",
+                       budget=0.6 if pattern == "xla" else "slots:2", return_sequences=True)
+    widths = [s.shape[-1] for program in layer._programs.values()
+              for s in program.internal_specs]
+    assert (16 in widths) == (pattern == "xla"), widths
 
 
 @pytest.mark.slow
