@@ -257,14 +257,26 @@ def test_hsm_equals_revolve_long_sequences_sampled():
     assert mismatches == []
 
 
+def _hsm_revolve_mismatches(cases):
+    return [(t, m) for t, m in cases
+            if plan(t, m, strategy="hsm").forward_evals != revolve_cost(t, m)]
+
+
+def test_hsm_equals_revolve_every_budget_and_a_seventh_of_the_grid():
+    # Every budget at t = 2000 and, for t = 31..150 and m = 1..50, the (t, m) with
+    # t + m divisible by 7 (every t with 7 or 8 budgets, every m with 17 or 18 lengths), and
+    # both of hsm's routes below t = 150 are taken (store every hidden state: 30 cases; the
+    # DP: 827). About 25 s on 2 cores; the whole grid is the `slow` test below (85 s).
+    cases = [(2000, m) for m in range(1, 51)]
+    cases += [(t, m) for t in range(31, 151) for m in range(1, 51) if (t + m) % 7 == 0]
+    assert _hsm_revolve_mismatches(cases) == []
+
+
+@pytest.mark.slow
 def test_hsm_equals_revolve_full_grid():
-    # Every budget at t = 2000 and every (t, m) up to t = 150 (about a minute on 2 cores;
-    # part of the default run, so CI checks the whole grid).
-    mismatches = [(2000, m) for m in range(1, 51)
-                  if plan(2000, m, strategy="hsm").forward_evals != revolve_cost(2000, m)]
-    mismatches += [(t, m) for t in range(31, 151) for m in range(1, 51)
-                   if plan(t, m, strategy="hsm").forward_evals != revolve_cost(t, m)]
-    assert mismatches == []
+    # Every (t, m) for t = 31..150, m = 1..50.
+    cases = [(t, m) for t in range(31, 151) for m in range(1, 51)]
+    assert _hsm_revolve_mismatches(cases) == []
 
 
 # --------------------------------------------------------------------------------------
