@@ -156,6 +156,16 @@ def split(entry):
     return backward_ratio, recompute_ratio
 
 
+def per_round(entry, method):
+    """``(median, lower quartile, upper quartile)`` of the per-round ratios `method` /
+    keras.layers.RNN: each round times every method once, seconds apart, so its ratio is
+    not moved by this machine's slow drifts in speed, and the spread of the ratios shows
+    how far one run's figure can be trusted."""
+    times = entry["times_s"]
+    ratios = np.array(times[method]) / np.array(times["keras.layers.RNN"])
+    return tuple(float(v) for v in np.percentile(ratios, [50, 25, 75]))
+
+
 def write(results, out_dir, args, machine_info=None, stem="speed"):
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {"machine": machine_info or machine(), "args": vars(args), "results": results}
@@ -171,20 +181,28 @@ def write(results, out_dir, args, machine_info=None, stem="speed"):
         "Predicted: `plan.time_ratio(beta)` with beta measured in the same run. Split: our "
         "backward at 100% over keras.layers.RNN's backward (each: step minus the forward-only "
         "step of keras.layers.RNN), and the cost of one recomputed step ((5% step - 100% step) "
-        "/ recomputed evaluations) over one forward step of keras.layers.RNN.",
+        "/ recomputed evaluations) over one forward step of keras.layers.RNN. Measured: the "
+        "ratio of the medians; per round: the median of each round's ratio, with the lower "
+        "and upper quartiles.",
         "",
-        "| configuration | mode | keras.layers.RNN step | beta | 100%: measured | 100%: "
-        "predicted | 5%: measured | 5%: predicted | 5%: forward evals | split: backward | "
-        "split: recomputed step |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| configuration | mode | keras.layers.RNN step | beta | 100%: measured | 100%: per "
+        "round | 100%: predicted | 5%: measured | 5%: per round | 5%: predicted | 5%: forward "
+        "evals | split: backward | split: recomputed step |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+
+    def spread(entry, method):
+        median, low, high = per_round(entry, method)
+        return f"{median:.2f}x ({low:.2f}-{high:.2f})"
+
     for e in results:
         b = e["budgets"]
         backward_ratio, recompute_ratio = split(e)
         lines.append(
             f"| {e['label']} | {e['mode']} | {e['medians_s']['keras.layers.RNN'] * 1e3:.0f} ms "
             f"| {e['beta_measured']:.2f} | {b['100%']['ratio']:.2f}x | "
-            f"{b['100%']['predicted']:.2f}x | {b['5%']['ratio']:.2f}x | "
+            f"{spread(e, 'budget 100%')} | {b['100%']['predicted']:.2f}x | "
+            f"{b['5%']['ratio']:.2f}x | {spread(e, 'budget 5%')} | "
             f"{b['5%']['predicted']:.2f}x | {b['5%']['forward_evals']} | "
             f"{backward_ratio:.2f}x | {recompute_ratio:.2f}x |")
     (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
