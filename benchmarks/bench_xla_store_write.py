@@ -14,7 +14,10 @@ Variants:
 * ``internal state``: ``concat(h_prev, c_prev, z)`` at one offset (the layer's write);
 * ``carry only`` / ``pre-activations only``: ``concat(h_prev, c_prev)`` / ``z`` alone;
 * ``time-major buffers``: the two parts into two ``[slots, batch, width]`` buffers at
-  ``[slot, 0, 0]`` (the layout of TensorFlow's own while-loop gradient).
+  ``[slot, 0, 0]`` (the layout of TensorFlow's own while-loop gradient);
+* ``no write, 4 steps an iteration`` / ``internal state, 4 steps an iteration``: the loop
+  body unrolled, four steps (and, in the second, four writes) per iteration: whether the
+  cost is the write's or the loop iteration's.
 
 XLA reads its flags once per process, so a comparison across XLA flags (the README quotes
 one) takes two runs of this script with different ``XLA_FLAGS``.
@@ -42,11 +45,19 @@ from bench_speed import machine  # noqa: E402
 
 BATCH, FEATURES, SLOTS = 32, 32, 64
 VARIANTS = ("no write", "internal state", "carry only", "pre-activations only",
-            "time-major buffers")
+            "time-major buffers", "no write, 4 steps an iteration",
+            "internal state, 4 steps an iteration")
+UNROLLED = " steps an iteration"
 
 
 def make_loop(units, variant, num_steps):
     from tensorflow.compiler.tf2xla.python import xla
+
+    unroll = 1
+    if variant.endswith(UNROLLED):
+        variant, unroll = variant[:-len(UNROLLED)].rsplit(", ", 1)
+        unroll = int(unroll)
+        assert num_steps % unroll == 0, (num_steps, unroll)
 
     rng = np.random.default_rng(0)
     kernel = tf.constant(rng.standard_normal((FEATURES, 4 * units)) * 0.1, tf.float32)
@@ -88,12 +99,16 @@ def make_loop(units, variant, num_steps):
     @tf.function(jit_compile=True)
     def loop(xs):
         def body(t, buffer, h, c):
-            h_new, c_new, z = cell(tf.gather(xs, t, axis=1), h, c)
-            return t + 1, write(buffer, t, h, c, z), h_new, c_new
+            for j in range(unroll):
+                h_new, c_new, z = cell(tf.gather(xs, t + j, axis=1), h, c)
+                buffer = write(buffer, t + j, h, c, z)
+                h, c = h_new, c_new
+            return t + unroll, buffer, h, c
 
         h = c = tf.zeros([BATCH, units])
         _, buffer, h, _ = tf.while_loop(lambda t, *_: t < num_steps, body,
-                                        (0, buffers(), h, c), maximum_iterations=num_steps)
+                                        (0, buffers(), h, c),
+                                        maximum_iterations=num_steps // unroll)
         return h + sum(tf.reduce_sum(b) for b in buffer)
 
     return loop
