@@ -8,13 +8,17 @@ imports this module:
 * `timed_run`: one synchronous call's wall time and activation memory;
 * `reserve_allocator`: a large block allocated and freed, so that later requests are split
   from a large free chunk instead of being rounded up to a whole one;
-* `code_commit`: the commit of the package measured.
+* `code_commit`: the commit of the package measured;
+* `time_variants` and `write_per_step_tables`: alternated rounds of a few hand-written
+  loops, and their JSON and markdown table (bench_loop_nesting, bench_xla_store_write).
 """
 
 from __future__ import annotations
 
 import datetime
+import json
 import pathlib
+import statistics
 import subprocess
 import sys
 import time
@@ -68,3 +72,41 @@ def code_commit():
     except (OSError, subprocess.SubprocessError):
         return None
     return head + ("+changes" if changed else "")
+
+
+def time_variants(units, loops, xs, rounds, num_steps, calls=1):
+    """Alternated rounds of `loops` (each round runs every variant `calls` times, in a
+    rotated order), logged: ``{"units", "us_per_step": medians, "samples"}``, in
+    microseconds per step, keyed by variant."""
+    names = list(loops)
+    samples = {v: [] for v in names}
+    for r in range(rounds):
+        for v in names[r % len(names):] + names[:r % len(names)]:
+            for _ in range(calls):
+                t0 = time.perf_counter()
+                loops[v](xs).numpy()
+                samples[v].append((time.perf_counter() - t0) / num_steps * 1e6)
+    medians = {v: statistics.median(t) for v, t in samples.items()}
+    log(f"units {units}: " + ", ".join(f"{v} {m:.1f} us" for v, m in medians.items()))
+    return {"units": units, "us_per_step": medians, "samples": samples}
+
+
+def write_per_step_tables(out_dir, stem, title, description, machine, args, results,
+                          variants, baseline):
+    """``<stem>.json`` and ``<stem>.md``: one row per entry of `results` (``units``,
+    ``us_per_step``), each variant's time and its ratio to `baseline`'s."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"machine": machine, "args": {k: str(v) for k, v in vars(args).items()},
+               "results": results}
+    (out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=1))
+    lines = [f"# {title}", "",
+             f"Run {machine['date']} on {machine['cpus']} CPUs ({machine['processor']}), "
+             f"TensorFlow {machine['tensorflow']}. {description}", "",
+             "| units | " + " | ".join(variants) + " |",
+             "|---:|" + "---:|" * len(variants)]
+    for r in results:
+        base = r["us_per_step"][baseline]
+        lines.append(f"| {r['units']} | " + " | ".join(
+            f"{r['us_per_step'][v]:.1f} ({r['us_per_step'][v] / base:.2f}x)"
+            for v in variants) + " |")
+    (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")

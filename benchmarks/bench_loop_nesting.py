@@ -25,18 +25,15 @@ order), in microseconds per step. Writes ``<out-dir>/loop_nesting.json`` and ``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
-import statistics
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from _bench import REPO_ROOT, log  # noqa: E402
+from _bench import REPO_ROOT, time_variants, write_per_step_tables  # noqa: E402
 from bench_speed import machine  # noqa: E402
 
 BATCH, FEATURES, OUTER, INNER = 32, 32, 26, 38
@@ -101,34 +98,13 @@ def main(argv=None):
         outputs = {v: loop(xs).numpy() for v, loop in loops.items()}  # trace, warm up
         for v in VARIANTS[1:]:  # the same steps in every variant
             np.testing.assert_array_equal(outputs[v], outputs["one loop"])
-        times = {v: [] for v in VARIANTS}
-        for r in range(args.rounds):
-            for v in VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]:
-                t0 = time.perf_counter()
-                loops[v](xs).numpy()
-                times[v].append((time.perf_counter() - t0) / num_steps * 1e6)
-        medians = {v: statistics.median(t) for v, t in times.items()}
-        log(f"units {units}: " + ", ".join(f"{v} {m:.1f} us" for v, m in medians.items()))
-        results.append({"units": units, "us_per_step": medians, "samples": times})
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()},
-               "results": results}
-    (args.out_dir / "loop_nesting.json").write_text(json.dumps(payload, indent=1))
-    m = payload["machine"]
-    lines = ["# A step in a nested loop (graph mode)", "",
-             f"Run {m['date']} on {m['cpus']} CPUs ({m['processor']}), TensorFlow "
-             f"{m['tensorflow']}. `python benchmarks/bench_loop_nesting.py`: T = {num_steps} "
-             f"({OUTER} x {INNER}), batch {BATCH}, {FEATURES} features, {args.rounds} "
-             "alternated rounds, medians, microseconds per step (see the script's docstring "
-             "for the variants).", "",
-             "| units | " + " | ".join(VARIANTS) + " |",
-             "|---:|" + "---:|" * len(VARIANTS)]
-    for r in results:
-        base = r["us_per_step"]["one loop"]
-        lines.append(f"| {r['units']} | " + " | ".join(
-            f"{r['us_per_step'][v]:.1f} ({r['us_per_step'][v] / base:.2f}x)"
-            for v in VARIANTS) + " |")
-    (args.out_dir / "loop_nesting.md").write_text("\n".join(lines) + "\n")
+        results.append(time_variants(units, loops, xs, args.rounds, num_steps))
+    write_per_step_tables(
+        args.out_dir, "loop_nesting", "A step in a nested loop (graph mode)",
+        f"`python benchmarks/bench_loop_nesting.py`: T = {num_steps} ({OUTER} x {INNER}), "
+        f"batch {BATCH}, {FEATURES} features, {args.rounds} alternated rounds, medians, "
+        "microseconds per step (see the script's docstring for the variants).",
+        machine(), args, results, VARIANTS, "one loop")
 
 
 if __name__ == "__main__":

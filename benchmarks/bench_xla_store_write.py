@@ -29,18 +29,15 @@ microseconds per step. Writes ``<out-dir>/xla_store_write.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
-import statistics
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from _bench import REPO_ROOT, log  # noqa: E402
+from _bench import REPO_ROOT, time_variants, write_per_step_tables  # noqa: E402
 from bench_speed import machine  # noqa: E402
 
 BATCH, FEATURES, SLOTS = 32, 32, 64
@@ -128,35 +125,13 @@ def main(argv=None):
         loops = {v: make_loop(units, v, args.num_steps) for v in VARIANTS}
         for loop in loops.values():
             loop(xs).numpy()  # compile
-        times = {v: [] for v in VARIANTS}
-        for r in range(args.rounds):
-            for v in VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]:
-                for _ in range(3):
-                    t0 = time.perf_counter()
-                    loops[v](xs).numpy()
-                    times[v].append((time.perf_counter() - t0) / args.num_steps * 1e6)
-        medians = {v: statistics.median(t) for v, t in times.items()}
-        log(f"units {units}: " + ", ".join(f"{v} {m:.1f} us" for v, m in medians.items()))
-        results.append({"units": units, "us_per_step": medians, "samples": times})
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()},
-               "results": results}
-    (args.out_dir / "xla_store_write.json").write_text(json.dumps(payload, indent=1))
-    m = payload["machine"]
-    lines = ["# One store write per evaluation under XLA on the CPU", "",
-             f"Run {m['date']} on {m['cpus']} CPUs ({m['processor']}), TensorFlow "
-             f"{m['tensorflow']}. `python benchmarks/bench_xla_store_write.py`: T = "
-             f"{args.num_steps}, batch {BATCH}, {FEATURES} features, {args.rounds} alternated "
-             "rounds of 3 calls, medians, microseconds per step (see the script's docstring "
-             "for the variants).", "",
-             "| units | " + " | ".join(VARIANTS) + " |",
-             "|---:|" + "---:|" * len(VARIANTS)]
-    for r in results:
-        base = r["us_per_step"]["no write"]
-        lines.append(f"| {r['units']} | " + " | ".join(
-            f"{r['us_per_step'][v]:.1f} ({r['us_per_step'][v] / base:.2f}x)"
-            for v in VARIANTS) + " |")
-    (args.out_dir / "xla_store_write.md").write_text("\n".join(lines) + "\n")
+        results.append(time_variants(units, loops, xs, args.rounds, args.num_steps, calls=3))
+    write_per_step_tables(
+        args.out_dir, "xla_store_write", "One store write per evaluation under XLA on the CPU",
+        f"`python benchmarks/bench_xla_store_write.py`: T = {args.num_steps}, batch {BATCH}, "
+        f"{FEATURES} features, {args.rounds} alternated rounds of 3 calls, medians, "
+        "microseconds per step (see the script's docstring for the variants).",
+        machine(), args, results, VARIANTS, "no write")
 
 
 if __name__ == "__main__":
