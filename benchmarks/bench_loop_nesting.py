@@ -37,6 +37,7 @@ from _bench import REPO_ROOT, time_variants, write_per_step_tables  # noqa: E402
 from bench_speed import machine  # noqa: E402
 
 BATCH, FEATURES, OUTER, INNER = 32, 32, 26, 38
+NUM_STEPS = OUTER * INNER
 VARIANTS = ("one loop", "nested", "nested, inner parallel_iterations=1",
             "one loop, 10 more loop variables")
 
@@ -47,7 +48,6 @@ def make_loop(units, variant):
     recurrent = tf.constant(rng.standard_normal((units, 4 * units)) * 0.1, tf.float32)
     bias = tf.zeros([4 * units])
     extra = tuple(tf.zeros([8]) for _ in range(10)) if variant.endswith("variables") else ()
-    num_steps = OUTER * INNER
 
     def step(t, h, c, xs):
         z = tf.nn.bias_add(tf.gather(xs, t, axis=1) @ kernel + h @ recurrent, bias)
@@ -62,8 +62,8 @@ def make_loop(units, variant):
             def body(t, h, c, *passed):
                 return (t + 1,) + step(t, h, c, xs) + passed
 
-            result = tf.while_loop(lambda t, *_: t < num_steps, body, (0, h, c) + extra,
-                                   maximum_iterations=num_steps)
+            result = tf.while_loop(lambda t, *_: t < NUM_STEPS, body, (0, h, c) + extra,
+                                   maximum_iterations=NUM_STEPS)
             return result[1]
         inner_parallel = 1 if variant.endswith("=1") else 10
 
@@ -90,18 +90,17 @@ def main(argv=None):
     parser.add_argument("--out-dir", type=pathlib.Path,
                         default=REPO_ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
-    num_steps = OUTER * INNER
     results = []
     for units in [int(u) for u in args.units.split(",")]:
-        xs = tf.random.normal([BATCH, num_steps, FEATURES])
+        xs = tf.random.normal([BATCH, NUM_STEPS, FEATURES])
         loops = {v: make_loop(units, v) for v in VARIANTS}
         outputs = {v: loop(xs).numpy() for v, loop in loops.items()}  # trace, warm up
         for v in VARIANTS[1:]:  # the same steps in every variant
             np.testing.assert_array_equal(outputs[v], outputs["one loop"])
-        results.append(time_variants(units, loops, xs, args.rounds, num_steps))
+        results.append(time_variants(units, loops, xs, args.rounds, NUM_STEPS))
     write_per_step_tables(
         args.out_dir, "loop_nesting", "A step in a nested loop (graph mode)",
-        f"`python benchmarks/bench_loop_nesting.py`: T = {num_steps} ({OUTER} x {INNER}), "
+        f"`python benchmarks/bench_loop_nesting.py`: T = {NUM_STEPS} ({OUTER} x {INNER}), "
         f"batch {BATCH}, {FEATURES} features, {args.rounds} alternated rounds, medians, "
         "microseconds per step (see the script's docstring for the variants).",
         machine(), args, results, VARIANTS, "one loop")

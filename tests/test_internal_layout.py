@@ -193,9 +193,9 @@ def test_large_cells_store_gate_activations_outside_xla(mode):
 
 
 def test_small_components_keep_the_frontier(monkeypatch):
-    """Below `NEAREST_CUT_MIN_BYTES` per component on average (or with no static batch size) the
-    frontier is kept: more, smaller components would cost more store moves than the
-    backward's recomputation they save."""
+    """Below `NEAREST_CUT_MIN_BYTES` per component on average (or with no static batch
+    size) the frontier is kept: more, smaller components would cost more store moves than
+    the backward's recomputation they save."""
     _, _, layer = run_parity("lstm", num_steps=12, budget=0.3, units=6, batch=2)
     assert _internal_shapes(layer) == [(2, 6), (2, 6), (2, 24)]
     monkeypatch.setattr(step_program, "NEAREST_CUT_MIN_BYTES", 0)

@@ -81,8 +81,8 @@ _CHEAP_OPS = frozenset({
 
 # Outside XLA, the compact layout stores the tensors nearest the step's outputs (the
 # backward recomputes the least) when they hold at least this many bytes per step on
-# average (static batch sizes only): each component is one more store write, read and free per
-# step, and for small tensors those cost more than the ops they save. Measured, graph mode,
+# average (static batch sizes only): each component is one more store write, read and
+# free per step, and for small tensors those cost more than the ops they save. Measured, graph mode,
 # T = 1000, 15 alternated rounds, step time / keras.layers.RNN's at 5%: 4 KiB components
 # (LSTMCell(32), batch 32; LSTMCell(16), batch 64) 1.31x -> 1.58x and 1.34x -> 1.50x (an
 # earlier pair of runs: 1.80x -> 1.73x and, run beside a test suite, 1.43x -> 1.67x);

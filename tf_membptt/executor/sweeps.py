@@ -136,9 +136,9 @@ def _runs_pay_off(num_storing: int, num_steps: int, xla: bool) -> bool:
 
     Under XLA an evaluation that writes a flat buffer costs up to about twice one that does
     not (benchmarks/bench_xla_store_write.py: 1.4-1.9x across runs for a hand-written LSTM
-    loop on 2 CPU cores, whatever the buffer's size or layout), but every run costs an inner loop's
-    start, about one step: runs pay off when at most one step in four stores (a plan at 5%
-    stores after 1 step in 20; at 100%, every step). Measured at 5%, T = 1000: LSTMCell(32)
+    loop on 2 CPU cores, whatever the buffer's size or layout), but every run costs an
+    inner loop's start, about one step: runs pay off when at most one step in four stores
+    (a plan at 5% stores after 1 step in 20; at 100%, every step). Measured at 5%, T = 1000: LSTMCell(32)
     1.58x -> 1.46x keras.layers.RNN's step, LSTMCell(128) 1.37x -> 1.26x, same memory.
 
     Not in graph mode: there each run held one more hidden-state-sized tensor until the
