@@ -185,6 +185,14 @@ def in_flight(program: StepProgram, plan) -> int:
     return sweeps.in_flight_backwards(param_bytes, stored_bytes)
 
 
+def overlap_segments(program: StepProgram, plan, in_flight_steps: int) -> bool:
+    """Whether the plan's segments may overlap (`sweeps.segments_overlap`): the internal
+    states the last backwards of a segment hold, against the plan's stored states."""
+    batch_size = program.signature.batch_size
+    return sweeps.segments_overlap(in_flight_steps, program.internal_bytes(batch_size),
+                                   plan.peak_memory * program.hidden_bytes(batch_size))
+
+
 def _recomputed_gradients(program, plan, step_inputs, carry, d_result, d_final_carry,
                           return_sequences, need_dx):
     """The plan's gradient from the step's inputs alone: the first sweep again, with the
@@ -200,10 +208,12 @@ def _plan_gradient(program, plan, store, segments_, step_inputs, state, final_ca
                    d_final_carry, d_result, return_sequences, need_dx):
     """`sweeps.backward_sweep` for this plan: `d_result` is the gradient of the output
     sequence with `return_sequences`, else of the last output."""
+    steps = in_flight(program, plan)
     return sweeps.backward_sweep(
         program, store, store.locations, segments_, step_inputs, state, final_carry,
         d_final_carry, d_result if return_sequences else None,
-        None if return_sequences else d_result, need_dx, in_flight(program, plan))
+        None if return_sequences else d_result, need_dx, steps,
+        overlap_segments(program, plan, steps))
 
 
 def run_planned(program: StepProgram, plan, inputs: sweeps.StepInputs, carry0,
